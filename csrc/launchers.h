@@ -1,0 +1,50 @@
+// Host-side entry points of the CUDA kernels (defined in the .cu files, called by binding.cpp).
+// Kept free of torch headers so the .cu files compile with nvcc alone.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_runtime_api.h>
+
+#include "prefix_attention_common.cuh"
+
+namespace spk {
+
+enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+
+// Head-dimension bucket a kernel is instantiated for (32, 64, 128, 256); 0 if D > 256.
+inline int head_dim_bucket(int D) {
+  return D <= 32 ? 32 : D <= 64 ? 64 : D <= 128 ? 128 : D <= 256 ? 256 : 0;
+}
+
+// Forward: writes p.out and p.lse.
+cudaError_t launch_prefix_attn_fwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream);
+
+// Backward.  Needs p.delta (float32 [B,Hq,L] scratch, same strides as lse).  Writes dq, dk, dv and,
+// when P > 0, the float32 buffers dpk/dpv: per-row partials [B,Hkv,P,D] (p.deterministic) or
+// [T,Hkv,P,D] accumulators that the caller zero-fills (atomic mode).
+cudaError_t launch_prefix_attn_bwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream);
+
+// Deterministic prefix-gradient reduction: out[t] = sum over b (in order) with index[b] == t of
+// partial[b]; partial float32 [B, H*P*D] contiguous, out [T, H*P*D] contiguous in dtype dt.
+cudaError_t launch_prefix_grad_reduce(const float* partial, const int64_t* index, void* out,
+                                      int B, int T, int64_t row_elems, DType dt,
+                                      cudaStream_t stream);
+
+// ---- prefix MLP (activation codes: 0 identity, 1 tanh, 2 relu, 3 gelu (erf))
+// y[p, c] = act(x[p, c] + bias[c]) for x [rows, cols] contiguous; pre (optional) gets x + bias.
+cudaError_t launch_mlp_bias_act(const void* x, const void* bias, void* pre, void* y, int rows,
+                                int cols, int act, DType dt, cudaStream_t stream);
+// out[l, kv, h, p, d] = y[p, c] + bias[c], c = ((l*2+kv)*Hkv+h)*D + d; y [P, NL*2*Hkv*D] contiguous.
+cudaError_t launch_mlp_layout_store(const void* y, const void* bias, void* out, int P,
+                                    int num_layers, int Hkv, int D, DType dt, cudaStream_t stream);
+// Inverse of the layout store for backward: dy[p, c] = dout[l, kv, h, p, d]; dbias[c] = sum_p dy
+// (fixed order; dbias may be null).  dout is contiguous [NL, 2, Hkv, P, D].
+cudaError_t launch_mlp_layout_gather(const void* dout, void* dy, void* dbias, int P,
+                                     int num_layers, int Hkv, int D, DType dt,
+                                     cudaStream_t stream);
+// dpre[p, c] = dh[p, c] * act'(pre[p, c]); dbias[c] = sum_p dpre[p, c] (may be null).
+cudaError_t launch_mlp_act_bwd(const void* dh, const void* pre, void* dpre, void* dbias, int rows,
+                               int cols, int act, DType dt, cudaStream_t stream);
+
+}  // namespace spk

@@ -1,0 +1,275 @@
+"""Public ``prefix_attention`` op: argument checks, prefix-form normalisation,
+``torch.library`` registration (custom op, fake impl, autograd) and backend dispatch.
+
+Backends (``triton``, ``cuda``, ``torch``) receive normalised arguments: the prefix as
+``[T, Hkv, P, D]`` plus an int64 row->task index ``[B]`` (or no prefix at all) and
+implement ``attention_forward`` / ``attention_backward`` / ``dropout_keep_mask``; see
+``softprompt_kernels/ops/torch_attention.py`` for the plain-PyTorch one.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .backend_choice import resolve_backend
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_BACKEND_MODULES = {
+    "torch": "softprompt_kernels.ops.torch_attention",
+    "triton": "softprompt_kernels.triton.prefix_attention",
+    "cuda": "softprompt_kernels.cuda.prefix_attention",
+}
+
+
+def attention_backend_module(name: str):
+    """The module implementing the backend contract for ``name``."""
+    return importlib.import_module(_BACKEND_MODULES[name])
+
+
+# --------------------------------------------------------------------------- checks
+def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
+
+
+def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend):
+    _check_tensor("q", q, 4, "[B, Hq, L, D]")
+    _check_tensor("k", k, 4, "[B, Hkv, S, D]")
+    _check_tensor("v", v, 4, "[B, Hkv, S, D]")
+    B, Hq, L, D = q.shape
+    allowed = _FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
+    if q.dtype not in allowed:
+        raise TypeError(f"q must be one of {[str(d) for d in allowed]} for backend {backend!r}, got {q.dtype}")
+    for name, t in (("k", k), ("v", v)):
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(f"k must be [B={B}, Hkv, S, D={D}] to match q {tuple(q.shape)}, got {tuple(k.shape)}")
+    if v.shape != k.shape:
+        raise ValueError(f"v must have k's shape {tuple(k.shape)}, got {tuple(v.shape)}")
+    Hkv, S = k.shape[1], k.shape[2]
+    if Hkv == 0 or Hq % Hkv != 0:
+        raise ValueError(f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv}")
+    if S < L:
+        raise ValueError(f"k/v length S={S} must be >= q length L={L} (queries are the last L positions)")
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if key_padding_mask is not None:
+        _check_tensor("key_padding_mask", key_padding_mask, 2, "bool [B, S]")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be torch.bool [B, S] (True = real token), got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (B, S):
+            raise ValueError(f"key_padding_mask must be [B={B}, S={S}], got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != q.device:
+            raise ValueError(f"key_padding_mask must be on q's device {q.device}, got {key_padding_mask.device}")
+    if (prefix_k is None) != (prefix_v is None):
+        raise ValueError("prefix_k and prefix_v must be given together")
+    if prefix_k is None:
+        if prefix_index is not None:
+            raise ValueError("prefix_index was given without prefix_k/prefix_v")
+        return
+    for name, t in (("prefix_k", prefix_k), ("prefix_v", prefix_v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{name} must have q's dtype {q.dtype}, got {t.dtype}")
+        if t.device != q.device:
+            raise ValueError(f"{name} must be on q's device {q.device}, got {t.device}")
+    if prefix_v.shape != prefix_k.shape:
+        raise ValueError(f"prefix_v must have prefix_k's shape {tuple(prefix_k.shape)}, got {tuple(prefix_v.shape)}")
+    if prefix_k.dim() == 3:
+        if prefix_index is not None:
+            raise ValueError("prefix_index needs a multi-task prefix [T, Hkv, P, D]; got a shared [Hkv, P, D] prefix")
+        expect, got = (Hkv, D), (prefix_k.shape[0], prefix_k.shape[2])
+        layout = f"[Hkv={Hkv}, P, D={D}]"
+    elif prefix_k.dim() == 4:
+        if prefix_index is None:
+            expect, got = (B, Hkv, D), (prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[3])
+            layout = f"per-row [B={B}, Hkv={Hkv}, P, D={D}]"
+        else:
+            expect, got = (Hkv, D), (prefix_k.shape[1], prefix_k.shape[3])
+            layout = f"multi-task [T, Hkv={Hkv}, P, D={D}]"
+    else:
+        raise ValueError(
+            f"prefix_k must be shared [Hkv, P, D], per-row [B, Hkv, P, D] or multi-task [T, Hkv, P, D] "
+            f"with prefix_index; got shape {tuple(prefix_k.shape)}"
+        )
+    if expect != got:
+        raise ValueError(f"prefix_k must be {layout}, got shape {tuple(prefix_k.shape)}")
+    if prefix_index is not None:
+        _check_tensor("prefix_index", prefix_index, 1, "int64 [B]")
+        if prefix_index.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"prefix_index must be int64 [B], got {prefix_index.dtype}")
+        if prefix_index.shape[0] != B:
+            raise ValueError(f"prefix_index must be [B={B}], got {tuple(prefix_index.shape)}")
+        if prefix_index.device != q.device:
+            raise ValueError(f"prefix_index must be on q's device {q.device}, got {prefix_index.device}")
+        T = prefix_k.shape[0]
+        if not torch.compiler.is_compiling() and B > 0:
+            lo, hi = int(prefix_index.min()), int(prefix_index.max())
+            if lo < 0 or hi >= T:
+                raise ValueError(f"prefix_index values must be in [0, T={T}), got values in [{lo}, {hi}]")
+
+
+def _normalise_prefix(q, prefix_k, prefix_v, prefix_index):
+    """-> (prefix_k [T, Hkv, P, D] | None, prefix_v, prefix_index int64 [B] | None)."""
+    if prefix_k is None or prefix_k.shape[-2] == 0:
+        return None, None, None
+    B = q.shape[0]
+    if prefix_k.dim() == 3:  # shared: a view with T = 1, every row uses task 0
+        return prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), torch.zeros(B, dtype=torch.int64, device=q.device)
+    if prefix_index is None:  # per row
+        return prefix_k, prefix_v, torch.arange(B, dtype=torch.int64, device=q.device)
+    return prefix_k, prefix_v, prefix_index.to(torch.int64)
+
+
+# ------------------------------------------------------------------ custom ops
+@torch.library.custom_op("softprompt_kernels::prefix_attention_fwd", mutates_args=())
+def _prefix_attention_fwd(
+    q: Tensor, k: Tensor, v: Tensor,
+    prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], prefix_index: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
+    causal: bool, scale: float, dropout_p: float, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor]:
+    mod = attention_backend_module(backend)
+    return mod.attention_forward(
+        q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+        causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed),
+    )
+
+
+@_prefix_attention_fwd.register_fake
+def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, causal, scale, dropout_p, deterministic, backend):
+    B, Hq, L, D = q.shape
+    return q.new_empty(B, Hq, L, D), q.new_empty(B, Hq, L, dtype=torch.float32)
+
+
+@torch.library.custom_op("softprompt_kernels::prefix_attention_bwd", mutates_args=())
+def _prefix_attention_bwd(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor,
+    prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], prefix_index: Optional[Tensor],
+    key_padding_mask: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor,
+    causal: bool, scale: float, dropout_p: float, deterministic: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    mod = attention_backend_module(backend)
+    dq, dk, dv, dpk, dpv = mod.attention_backward(
+        dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
+        causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed), deterministic=deterministic,
+    )
+    if dpk is None:  # custom ops cannot return None: an empty tensor stands for "no prefix"
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    return dq, dk, dv, dpk, dpv
+
+
+@_prefix_attention_bwd.register_fake
+def _(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, out, lse,
+      causal, scale, dropout_p, deterministic, backend):
+    if prefix_k is None:
+        dpk, dpv = q.new_empty(0), q.new_empty(0)
+    else:
+        dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpk, dpv
+
+
+def _seed_value(seed: Optional[Tensor]) -> int:
+    return 0 if seed is None else int(seed.item())
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, causal, scale, dropout_p, deterministic, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, out, lse)
+    ctx.options = (causal, scale, dropout_p, deterministic, backend)
+    ctx.has_prefix = prefix_k is not None
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, dout, dlse):
+    q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, out, lse = ctx.saved_tensors
+    causal, scale, dropout_p, deterministic, backend = ctx.options
+    dq, dk, dv, dpk, dpv = _prefix_attention_bwd(
+        dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, out, lse,
+        causal, scale, dropout_p, deterministic, backend,
+    )
+    if not ctx.has_prefix:
+        dpk = dpv = None
+    return dq, dk, dv, dpk, dpv, None, None, None, None, None, None, None, None
+
+
+_prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ------------------------------------------------------------------ public API
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Optional[Tensor] = None,
+    prefix_v: Optional[Tensor] = None,
+    *,
+    prefix_index: Optional[Tensor] = None,
+    causal: bool = False,
+    key_padding_mask: Optional[Tensor] = None,
+    softmax_scale: Optional[float] = None,
+    dropout_p: float = 0.0,
+    deterministic: bool = True,
+    return_lse: bool = False,
+    backend: str = "auto",
+):
+    """Attention over a learned prefix followed by the sequence's own keys.
+
+    Args:
+        q: ``[B, Hq, L, D]`` queries: the *last* L positions of the sequence.
+        k, v: ``[B, Hkv, S, D]`` with ``S >= L`` and ``Hq % Hkv == 0`` (GQA/MQA: query
+            head h reads kv head ``h // (Hq // Hkv)``). Any strides.
+        prefix_k, prefix_v: shared ``[Hkv, P, D]``, per-row ``[B, Hkv, P, D]``, or
+            multi-task ``[T, Hkv, P, D]`` with ``prefix_index``. Same dtype as q. The
+            prefix is always visible (never causal- or padding-masked) and carries no
+            positions. ``P == 0`` or None: plain attention.
+        prefix_index: int64 ``[B]`` in ``[0, T)``: the task whose prefix row b uses.
+        causal: bottom-right aligned over the sequence part: key j is visible to query
+            i iff ``j <= i + S - L``.
+        key_padding_mask: bool ``[B, S]``, True = real token.
+        softmax_scale: defaults to ``D ** -0.5``.
+        dropout_p: attention dropout on the probabilities (after the softmax); the mask
+            is drawn from a seed taken from torch's default CPU generator, so
+            ``torch.manual_seed`` reproduces it.
+        deterministic: deterministic prefix-gradient reduction (same bits every run);
+            False allows a faster atomic reduction on backends that have one.
+        return_lse: also return ``lse [B, Hq, L]`` float32, the natural-log
+            logsumexp of the scaled scores (``-inf`` where a row sees nothing). It is
+            not differentiable.
+        backend: ``"auto"`` (Triton for CUDA tensors; on CPU the PyTorch path, or the
+            Triton interpreter when ``TRITON_INTERPRET=1``), ``"triton"``, ``"cuda"``,
+            ``"torch"``.
+
+    Returns:
+        ``out [B, Hq, L, D]`` in q's dtype (a row that sees no key gives zeros), or
+        ``(out, lse)``. Gradients flow to q, k, v and the prefix; the prefix gradient
+        comes back in the prefix's own shape, summed over the rows (and query heads of
+        each kv group) that used it.
+    """
+    backend = resolve_backend(backend, q if isinstance(q, Tensor) else None)
+    _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend)
+    pk, pv, idx = _normalise_prefix(q, prefix_k, prefix_v, prefix_index)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    seed = None
+    if dropout_p > 0.0:
+        seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
+    out, lse = _prefix_attention_fwd(
+        q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale, float(dropout_p), bool(deterministic), backend
+    )
+    return (out, lse) if return_lse else out
+
+
+def dropout_keep_mask(seed: int, B: int, Hq: int, L: int, P: int, S: int, dropout_p: float, *,
+                      device="cpu", backend: str = "torch") -> Tensor:
+    """The bool keep mask ``[B, Hq, L, P + S]`` that ``backend`` draws for ``seed``."""
+    return attention_backend_module(backend).dropout_keep_mask(seed, B, Hq, L, P, S, dropout_p, device)

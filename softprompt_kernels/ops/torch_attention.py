@@ -1,0 +1,170 @@
+"""Plain-PyTorch backend of prefix attention: the CPU path.
+
+Implements the backend contract of ``ops/prefix_attention.py`` with explicit forward
+and backward functions (the backward recomputes the probabilities from ``lse``, so
+autograd keeps only q, k, v, the prefix, out and lse, as the fused kernels do).
+Math runs in float32 (float64 for float64 inputs); work is chunked over batch rows
+to bound the ``[rows, Hq, L, P + S]`` temporaries.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+# Upper bound on the elements of one [rows, Hq, L, P+S] score block.
+_CHUNK_ELEMENTS = 1 << 25
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_seed(seed: int, b: int) -> int:
+    """Seed of batch row ``b``'s dropout stream (independent of chunking)."""
+    return (seed * 1_000_003 + b * 7_919 + 1) % (2**63 - 1)
+
+
+def dropout_keep_mask(seed: int, B: int, Hq: int, L: int, P: int, S: int, dropout_p: float, device) -> Tensor:
+    """Bool keep mask ``[B, Hq, L, P + S]`` exactly as this backend draws it."""
+    return torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, device) for b in range(B)])
+
+
+def _row_keep(seed: int, b: int, Hq: int, L: int, C: int, dropout_p: float, device) -> Tensor:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_row_seed(seed, b))
+    return torch.rand((Hq, L, C), generator=gen, device=device) >= dropout_p
+
+
+def _chunks(B: int, per_row: int):
+    rows = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
+    for start in range(0, B, rows):
+        yield start, min(B, start + rows)
+
+
+def _joint_kv(k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, rows: slice, dtype):
+    """K and V of rows ``rows`` with the prefix in front: ``[r, Hkv, P + S, D]``."""
+    kr, vr = k[rows].to(dtype), v[rows].to(dtype)
+    if prefix_k is None:
+        return kr, vr
+    idx = prefix_index[rows]
+    return torch.cat([prefix_k[idx].to(dtype), kr], dim=2), torch.cat([prefix_v[idx].to(dtype), vr], dim=2)
+
+
+def _visible(rows: slice, L: int, S: int, P: int, causal: bool, key_padding_mask, device) -> Optional[Tensor]:
+    """Bool ``[r or 1, 1, L, P + S]`` visibility, or None when everything is visible."""
+    if not causal and key_padding_mask is None:
+        return None
+    seq = torch.ones(1, 1, L, S, dtype=torch.bool, device=device)
+    if causal:
+        i = torch.arange(L, device=device)[:, None]
+        j = torch.arange(S, device=device)[None, :]
+        seq = (j <= i + (S - L))[None, None]
+    if key_padding_mask is not None:
+        seq = seq & key_padding_mask[rows][:, None, None, :]
+    pre = torch.ones(seq.shape[0], 1, L, P, dtype=torch.bool, device=device)
+    return torch.cat([pre, seq], dim=-1)
+
+
+def _scores(qg: Tensor, kj: Tensor, scale: float, visible: Optional[Tensor], G: int, L: int) -> Tensor:
+    """Masked scaled scores ``[r, Hkv, G*L, P+S]``."""
+    s = torch.matmul(qg, kj.transpose(-1, -2)).mul_(scale)
+    if visible is not None:
+        # visible is [r|1, 1, L, C]; the G query heads of a group share it.
+        s = s.view(s.shape[0], s.shape[1], G, L, -1).masked_fill_(~visible[:, :, None], float("-inf"))
+        s = s.view(s.shape[0], s.shape[1], G * L, -1)
+    return s
+
+
+def _group_q(x: Tensor, rows: slice, Hkv: int, dtype) -> Tensor:
+    """``[B, Hq, L, D]`` rows -> ``[r, Hkv, G*L, D]`` in ``dtype``."""
+    xr = x[rows].to(dtype)
+    r, Hq, L, D = xr.shape
+    return xr.reshape(r, Hkv, (Hq // Hkv) * L, D)
+
+
+def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
+                      causal: bool, scale: float, dropout_p: float, seed: int):
+    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype), ``lse [B, Hq, L]`` float32."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    G = Hq // Hkv
+    cdt = _compute_dtype(q.dtype)
+    out = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+    lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
+    for lo, hi in _chunks(B, Hq * L * (P + S)):
+        rows = slice(lo, hi)
+        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
+        s = _scores(_group_q(q, rows, Hkv, cdt), kj, scale, _visible(rows, L, S, P, causal, key_padding_mask, q.device), G, L)
+        m = torch.logsumexp(s, dim=-1, keepdim=True)
+        p = torch.exp(s - torch.nan_to_num(m, neginf=0.0))  # rows that see nothing: all zeros
+        if dropout_p > 0.0:
+            keep = torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, q.device) for b in range(lo, hi)])
+            p = p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
+        o = torch.matmul(p, vj)
+        out[rows] = o.view(hi - lo, Hq, L, D).to(q.dtype)
+        lse[rows] = m.view(hi - lo, Hq, L).float()
+    return out, lse
+
+
+def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *,
+                       causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool = True):
+    """Backend backward: dq, dk, dv and the prefix gradients reduced per task ``[T, Hkv, P, D]``."""
+    B, Hq, L, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    P = 0 if prefix_k is None else prefix_k.shape[2]
+    G = Hq // Hkv
+    cdt = _compute_dtype(q.dtype)
+    dq = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+    dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=v.device)
+    dpk_rows = torch.empty(B, Hkv, P, D, dtype=cdt, device=q.device) if P else None
+    dpv_rows = torch.empty(B, Hkv, P, D, dtype=cdt, device=q.device) if P else None
+    for lo, hi in _chunks(B, Hq * L * (P + S)):
+        rows = slice(lo, hi)
+        r = hi - lo
+        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
+        qg = _group_q(q, rows, Hkv, cdt)
+        dog = _group_q(dout, rows, Hkv, cdt)
+        s = _scores(qg, kj, scale, _visible(rows, L, S, P, causal, key_padding_mask, q.device), G, L)
+        m = lse[rows].reshape(r, Hkv, G * L, 1).to(cdt)
+        p = torch.exp(s.sub_(torch.nan_to_num(m, neginf=0.0)))
+        del s
+        dp = torch.matmul(dog, vj.transpose(-1, -2))  # [r, Hkv, G*L, P+S]
+        if dropout_p > 0.0:
+            keep = torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, q.device) for b in range(lo, hi)])
+            keep = keep.view_as(p).to(cdt).mul_(1.0 / (1.0 - dropout_p))
+            dvj = torch.matmul((p * keep).transpose(-1, -2), dog)
+            dp.mul_(keep)
+            del keep
+        else:
+            dvj = torch.matmul(p.transpose(-1, -2), dog)
+        delta = (dog * _group_q(out, rows, Hkv, cdt)).sum(-1, keepdim=True)
+        ds = p.mul_(dp.sub_(delta)).mul_(scale)  # reuses p's storage
+        del dp
+        dq[rows] = torch.matmul(ds, kj).view(r, Hq, L, D).to(q.dtype)
+        dkj = torch.matmul(ds.transpose(-1, -2), qg)  # [r, Hkv, P+S, D]
+        dk[rows] = dkj[:, :, P:].to(k.dtype)
+        dv[rows] = dvj[:, :, P:].to(v.dtype)
+        if P:
+            dpk_rows[rows] = dkj[:, :, :P]
+            dpv_rows[rows] = dvj[:, :, :P]
+    if not P:
+        return dq, dk, dv, None, None
+    return (dq, dk, dv,
+            reduce_prefix_grad(dpk_rows, prefix_index, prefix_k.shape[0]).to(prefix_k.dtype),
+            reduce_prefix_grad(dpv_rows, prefix_index, prefix_v.shape[0]).to(prefix_v.dtype))
+
+
+def reduce_prefix_grad(per_row: Tensor, prefix_index: Tensor, T: int) -> Tensor:
+    """Deterministic per-task sum: ``[B, Hkv, P, D]`` rows -> ``[T, Hkv, P, D]``.
+
+    A fixed-order sum for a single task; a one-hot ``[T, B]`` matmul otherwise (no
+    atomics, so the same bits on every run and device).
+    """
+    if T == 1:
+        return per_row.sum(0, keepdim=True)
+    onehot = torch.nn.functional.one_hot(prefix_index, T).to(per_row.dtype).t()  # [T, B]
+    return (onehot @ per_row.reshape(per_row.shape[0], -1)).view(T, *per_row.shape[1:])

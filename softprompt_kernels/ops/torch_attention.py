@@ -1,8 +1,8 @@
 """Plain-PyTorch backend of prefix attention: the CPU path.
 
 Implements the backend contract of ``ops/prefix_attention.py`` with explicit forward
-and backward functions (the backward recomputes the probabilities from ``lse``, so
-autograd keeps only q, k, v, the prefix, out and lse, as the fused kernels do).
+and backward functions (the backward recomputes the probabilities, so autograd keeps
+only q, k, v, the prefix, out and lse, as the fused kernels do).
 Math runs in float32 (float64 for float64 inputs); work is chunked over batch rows
 to bound the ``[rows, Hq, L, P + S]`` temporaries.
 """
@@ -84,6 +84,15 @@ def _group_q(x: Tensor, rows: slice, Hkv: int, dtype) -> Tensor:
     return xr.reshape(r, Hkv, (Hq // Hkv) * L, D)
 
 
+def _softmax(s: Tensor) -> Tensor:
+    """Row softmax of masked scores; rows that see nothing give zeros, not NaN.
+
+    A direct softmax (max, exp, normalise) rounds less than ``exp(s - lse)``, whose
+    relative error grows with ``|lse|``.
+    """
+    return torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)
+
+
 def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
                       causal: bool, scale: float, dropout_p: float, seed: int):
     """Backend forward: ``out [B, Hq, L, D]`` (q.dtype), ``lse [B, Hq, L]`` float32."""
@@ -99,7 +108,7 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
         kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
         s = _scores(_group_q(q, rows, Hkv, cdt), kj, scale, _visible(rows, L, S, P, causal, key_padding_mask, q.device), G, L)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
-        p = torch.exp(s - torch.nan_to_num(m, neginf=0.0))  # rows that see nothing: all zeros
+        p = _softmax(s)
         if dropout_p > 0.0:
             keep = torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, q.device) for b in range(lo, hi)])
             p = p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
@@ -129,8 +138,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         qg = _group_q(q, rows, Hkv, cdt)
         dog = _group_q(dout, rows, Hkv, cdt)
         s = _scores(qg, kj, scale, _visible(rows, L, S, P, causal, key_padding_mask, q.device), G, L)
-        m = lse[rows].reshape(r, Hkv, G * L, 1).to(cdt)
-        p = torch.exp(s.sub_(torch.nan_to_num(m, neginf=0.0)))
+        p = _softmax(s)  # the whole row is at hand: no need to go through lse
         del s
         dp = torch.matmul(dog, vj.transpose(-1, -2))  # [r, Hkv, G*L, P+S]
         if dropout_p > 0.0:
@@ -141,7 +149,9 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
             del keep
         else:
             dvj = torch.matmul(p.transpose(-1, -2), dog)
-        delta = (dog * _group_q(out, rows, Hkv, cdt)).sum(-1, keepdim=True)
+        # delta_i = sum_j P_ij dP_ij: the softmax-backward row term, taken from the
+        # probabilities themselves (as autograd does) rather than rowsum(dO * O).
+        delta = (p * dp).sum(-1, keepdim=True)
         ds = p.mul_(dp.sub_(delta)).mul_(scale)  # reuses p's storage
         del dp
         dq[rows] = torch.matmul(ds, kj).view(r, Hq, L, D).to(q.dtype)

@@ -1,0 +1,304 @@
+// torch.library registration of the CUDA kernels (namespace softprompt_kernels_cuda).
+// Builds the PrefixAttnParams struct from tensors (every stride is passed, nothing is copied
+// except where noted) and calls the launchers of the .cu files.
+//
+//   attn_fwd(q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, causal, scale)
+//       -> (out [B,Hq,L,D], lse [B,Hq,L] float32)
+//   attn_bwd(dout, q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, out, lse,
+//            causal, scale, deterministic) -> (dq, dk, dv, dprefix_k, dprefix_v)
+//       dprefix_* are empty tensors (numel 0) when there is no prefix.
+//   mlp_fwd(x [P,E], w1 [H1,E], b1?, w2 [N,H1], b2?, num_layers, num_kv_heads, head_dim, act)
+//       -> (out [NL,2,Hkv,P,D], pre [P,H1])   act: 0 identity, 1 tanh, 2 relu, 3 gelu
+//   mlp_bwd(dout, x, w1, b1?, w2, pre, has_b2, num_layers, num_kv_heads, head_dim, act)
+//       -> (dx, dw1, db1, dw2, db2)   db1/db2 empty when the bias is None.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+#include "launchers.h"
+
+namespace spk {
+namespace {
+
+using at::Tensor;
+
+DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat32;
+    case at::kHalf: return DType::kFloat16;
+    case at::kBFloat16: return DType::kBFloat16;
+    default: TORCH_CHECK(false, "softprompt_kernels_cuda: unsupported dtype ", t.scalar_type(),
+                         " (expected float32, float16 or bfloat16)");
+  }
+  return DType::kFloat32;
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "softprompt_kernels_cuda: ", what, " failed: ", cudaGetErrorString(err));
+}
+
+void check_4d(const Tensor& t, const char* name, const Tensor& q) {
+  TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), name, " must be on ", q.device());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have dtype ", q.scalar_type());
+}
+
+struct PrefixArgs {
+  bool has = false;
+  Tensor pk, pv, index;
+};
+
+// Fills sizes, input pointers and strides shared by forward and backward.
+PrefixAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
+                             const std::optional<Tensor>& prefix_k, const std::optional<Tensor>& prefix_v,
+                             const std::optional<Tensor>& prefix_index,
+                             const std::optional<Tensor>& key_padding_mask, bool causal, double scale,
+                             PrefixArgs& pre) {
+  check_4d(q, "q", q);
+  check_4d(k, "k", q);
+  check_4d(v, "v", q);
+  const int64_t B = q.size(0), Hq = q.size(1), L = q.size(2), D = q.size(3);
+  const int64_t Hkv = k.size(1), S = k.size(2);
+  TORCH_CHECK(k.size(0) == B && k.size(3) == D && v.sizes() == k.sizes(),
+              "k and v must be [B, Hkv, S, D] = ", k.sizes(), " matching q ", q.sizes());
+  TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "Hq (", Hq, ") must be a multiple of Hkv (", Hkv, ")");
+  TORCH_CHECK(S >= L, "S (", S, ") must be >= L (", L, ")");
+  TORCH_CHECK(D >= 1 && D <= 256, "head dim must be in [1, 256], got ", D);
+
+  PrefixAttnParams p;
+  p.B = (int)B; p.Hq = (int)Hq; p.Hkv = (int)Hkv; p.L = (int)L; p.S = (int)S; p.D = (int)D;
+  p.scale = (float)scale;
+  p.causal = causal;
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
+  p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sl = q.stride(2); p.q_sd = q.stride(3);
+  p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_ss = k.stride(2); p.k_sd = k.stride(3);
+  p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_ss = v.stride(2); p.v_sd = v.stride(3);
+
+  pre.has = prefix_k.has_value() && prefix_k->defined();
+  TORCH_CHECK(pre.has == (prefix_v.has_value() && prefix_v->defined()) &&
+                  pre.has == (prefix_index.has_value() && prefix_index->defined()),
+              "prefix_k, prefix_v and prefix_index must be given together");
+  if (pre.has) {
+    pre.pk = *prefix_k; pre.pv = *prefix_v; pre.index = *prefix_index;
+    check_4d(pre.pk, "prefix_k", q);
+    check_4d(pre.pv, "prefix_v", q);
+    TORCH_CHECK(pre.pk.size(1) == Hkv && pre.pk.size(3) == D && pre.pv.sizes() == pre.pk.sizes(),
+                "prefix_k/prefix_v must be [T, Hkv, P, D], got ", pre.pk.sizes(), " and ", pre.pv.sizes());
+    TORCH_CHECK(pre.index.scalar_type() == at::kLong && pre.index.dim() == 1 && pre.index.size(0) == B &&
+                    pre.index.device() == q.device(),
+                "prefix_index must be int64 [B] on ", q.device());
+    pre.index = pre.index.contiguous();
+    p.T = (int)pre.pk.size(0);
+    p.P = (int)pre.pk.size(2);
+    p.pk = pre.pk.data_ptr(); p.pv = pre.pv.data_ptr();
+    p.prefix_index = pre.index.data_ptr<int64_t>();
+    p.pk_st = pre.pk.stride(0); p.pk_sh = pre.pk.stride(1); p.pk_sp = pre.pk.stride(2); p.pk_sd = pre.pk.stride(3);
+    p.pv_st = pre.pv.stride(0); p.pv_sh = pre.pv.stride(1); p.pv_sp = pre.pv.stride(2); p.pv_sd = pre.pv.stride(3);
+  }
+  if (key_padding_mask.has_value() && key_padding_mask->defined()) {
+    const Tensor& m = *key_padding_mask;
+    TORCH_CHECK(m.scalar_type() == at::kBool && m.dim() == 2 && m.size(0) == B && m.size(1) == S &&
+                    m.device() == q.device(),
+                "key_padding_mask must be bool [B, S] = [", B, ", ", S, "] on ", q.device());
+    p.kpm = m.data_ptr<bool>();
+    p.kpm_sb = m.stride(0); p.kpm_ss = m.stride(1);
+  }
+  return p;
+}
+
+std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const std::optional<Tensor>& prefix_k, const std::optional<Tensor>& prefix_v,
+                                    const std::optional<Tensor>& prefix_index,
+                                    const std::optional<Tensor>& key_padding_mask, bool causal, double scale) {
+  c10::cuda::CUDAGuard guard(q.device());
+  PrefixArgs pre;
+  PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale, pre);
+  Tensor out = at::empty({p.B, p.Hq, p.L, p.D}, q.options());
+  Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  p.out = out.data_ptr(); p.lse = lse.data_ptr<float>();
+  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sl = out.stride(2); p.o_sd = out.stride(3);
+  p.lse_sb = lse.stride(0); p.lse_sh = lse.stride(1); p.lse_sl = lse.stride(2);
+  if (out.numel() > 0)
+    check_cuda(launch_prefix_attn_fwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), "attn_fwd");
+  return {out, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
+    const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& prefix_k,
+    const std::optional<Tensor>& prefix_v, const std::optional<Tensor>& prefix_index,
+    const std::optional<Tensor>& key_padding_mask, const Tensor& out, const Tensor& lse, bool causal, double scale,
+    bool deterministic) {
+  c10::cuda::CUDAGuard guard(q.device());
+  PrefixArgs pre;
+  PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale, pre);
+  check_4d(dout, "dout", q);
+  check_4d(out, "out", q);
+  TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape ", q.sizes());
+  TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == p.B && lse.size(1) == p.Hq &&
+                  lse.size(2) == p.L,
+              "lse must be float32 [B, Hq, L]");
+  p.deterministic = deterministic;
+  p.dout = dout.data_ptr(); p.out = const_cast<void*>(out.data_ptr()); p.lse = const_cast<float*>(lse.data_ptr<float>());
+  p.do_sb = dout.stride(0); p.do_sh = dout.stride(1); p.do_sl = dout.stride(2); p.do_sd = dout.stride(3);
+  p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sl = out.stride(2); p.o_sd = out.stride(3);
+  Tensor lse_c = lse.contiguous();  // delta shares lse's (contiguous) strides
+  p.lse = lse_c.data_ptr<float>();
+  p.lse_sb = lse_c.stride(0); p.lse_sh = lse_c.stride(1); p.lse_sl = lse_c.stride(2);
+  Tensor delta = at::empty_like(lse_c);
+  p.delta = delta.data_ptr<float>();
+
+  Tensor dq = at::empty(q.sizes(), q.options());
+  Tensor dk = at::empty(k.sizes(), k.options());
+  Tensor dv = at::empty(v.sizes(), v.options());
+  p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sl = dq.stride(2); p.dq_sd = dq.stride(3);
+  p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_ss = dk.stride(2); p.dk_sd = dk.stride(3);
+  p.dv_sb = dv.stride(0); p.dv_sh = dv.stride(1); p.dv_ss = dv.stride(2); p.dv_sd = dv.stride(3);
+
+  Tensor dpk_buf, dpv_buf, dpk, dpv;
+  const bool with_prefix = pre.has && p.P > 0;
+  if (with_prefix) {
+    auto fopt = q.options().dtype(at::kFloat);
+    const int64_t slots = deterministic ? p.B : p.T;
+    dpk_buf = deterministic ? at::empty({slots, p.Hkv, p.P, p.D}, fopt) : at::zeros({slots, p.Hkv, p.P, p.D}, fopt);
+    dpv_buf = deterministic ? at::empty({slots, p.Hkv, p.P, p.D}, fopt) : at::zeros({slots, p.Hkv, p.P, p.D}, fopt);
+    p.dpk = dpk_buf.data_ptr<float>(); p.dpv = dpv_buf.data_ptr<float>();
+    p.dp_sr = dpk_buf.stride(0); p.dp_sh = dpk_buf.stride(1); p.dp_sp = dpk_buf.stride(2); p.dp_sd = dpk_buf.stride(3);
+  } else {
+    p.P = 0;  // a [T, Hkv, 0, D] prefix is no prefix
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  if (q.numel() > 0) check_cuda(launch_prefix_attn_bwd(p, dtype_of(q), stream), "attn_bwd");
+  else { dk.zero_(); dv.zero_(); if (with_prefix) { dpk_buf.zero_(); dpv_buf.zero_(); } }
+
+  if (pre.has) {
+    if (!with_prefix) {
+      dpk = at::zeros(pre.pk.sizes(), pre.pk.options());
+      dpv = at::zeros(pre.pv.sizes(), pre.pv.options());
+    } else if (deterministic) {
+      dpk = at::empty({p.T, p.Hkv, p.P, p.D}, q.options());
+      dpv = at::empty({p.T, p.Hkv, p.P, p.D}, q.options());
+      const int64_t row = (int64_t)p.Hkv * p.P * p.D;
+      check_cuda(launch_prefix_grad_reduce(p.dpk, p.prefix_index, dpk.data_ptr(), p.B, p.T, row, dtype_of(q), stream),
+                 "prefix_grad_reduce");
+      check_cuda(launch_prefix_grad_reduce(p.dpv, p.prefix_index, dpv.data_ptr(), p.B, p.T, row, dtype_of(q), stream),
+                 "prefix_grad_reduce");
+    } else {
+      dpk = dpk_buf.to(q.scalar_type());
+      dpv = dpv_buf.to(q.scalar_type());
+    }
+  } else {
+    dpk = at::empty({0}, q.options());
+    dpv = at::empty({0}, q.options());
+  }
+  return {dq, dk, dv, dpk, dpv};
+}
+
+// ------------------------------------------------------------------ prefix MLP
+void check_mlp(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
+               const std::optional<Tensor>& b2, int64_t NL, int64_t Hkv, int64_t D, int64_t act) {
+  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a CUDA [P, E] tensor");
+  dtype_of(x);
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == x.size(1) && w1.scalar_type() == x.scalar_type(),
+              "w1 must be [H1, E] with x's dtype");
+  TORCH_CHECK(w2.dim() == 2 && w2.size(1) == w1.size(0) && w2.size(0) == NL * 2 * Hkv * D &&
+                  w2.scalar_type() == x.scalar_type(),
+              "w2 must be [num_layers*2*Hkv*D, H1] with x's dtype");
+  if (b1.has_value() && b1->defined())
+    TORCH_CHECK(b1->dim() == 1 && b1->size(0) == w1.size(0) && b1->scalar_type() == x.scalar_type(), "b1 must be [H1]");
+  if (b2.has_value() && b2->defined())
+    TORCH_CHECK(b2->dim() == 1 && b2->size(0) == w2.size(0) && b2->scalar_type() == x.scalar_type(), "b2 must be [N]");
+  TORCH_CHECK(act >= 0 && act <= 3, "act must be 0 (identity), 1 (tanh), 2 (relu) or 3 (gelu)");
+}
+
+const void* opt_ptr(const std::optional<Tensor>& t, Tensor& keep) {
+  if (!t.has_value() || !t->defined()) return nullptr;
+  keep = t->contiguous();
+  return keep.data_ptr();
+}
+
+std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1,
+                                   const Tensor& w2, const std::optional<Tensor>& b2, int64_t num_layers,
+                                   int64_t num_kv_heads, int64_t head_dim, int64_t act) {
+  check_mlp(x, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, act);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const DType dt = dtype_of(x);
+  const int64_t P = x.size(0), H1 = w1.size(0);
+  Tensor b1c, b2c;
+  Tensor h_lin = at::matmul(x, w1.t()).contiguous();  // cuBLAS
+  Tensor pre = at::empty({P, H1}, x.options());
+  Tensor h = at::empty({P, H1}, x.options());
+  check_cuda(launch_mlp_bias_act(h_lin.data_ptr(), opt_ptr(b1, b1c), pre.data_ptr(), h.data_ptr(), (int)P, (int)H1,
+                                 (int)act, dt, stream),
+             "mlp_bias_act");
+  Tensor y = at::matmul(h, w2.t()).contiguous();  // cuBLAS, [P, N]
+  Tensor out = at::empty({num_layers, 2, num_kv_heads, P, head_dim}, x.options());
+  check_cuda(launch_mlp_layout_store(y.data_ptr(), opt_ptr(b2, b2c), out.data_ptr(), (int)P, (int)num_layers,
+                                     (int)num_kv_heads, (int)head_dim, dt, stream),
+             "mlp_layout_store");
+  return {out, pre};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& dout, const Tensor& x, const Tensor& w1,
+                                                           const std::optional<Tensor>& b1, const Tensor& w2,
+                                                           const Tensor& pre, bool has_b2, int64_t num_layers,
+                                                           int64_t num_kv_heads, int64_t head_dim, int64_t act) {
+  check_mlp(x, w1, b1, w2, std::nullopt, num_layers, num_kv_heads, head_dim, act);
+  c10::cuda::CUDAGuard guard(x.device());
+  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  const DType dt = dtype_of(x);
+  const int64_t P = x.size(0), H1 = w1.size(0), N = w2.size(0);
+  TORCH_CHECK(dout.sizes() == at::IntArrayRef({num_layers, 2, num_kv_heads, P, head_dim}) &&
+                  dout.scalar_type() == x.scalar_type(),
+              "dout must be [num_layers, 2, Hkv, P, D] with x's dtype");
+  TORCH_CHECK(pre.sizes() == at::IntArrayRef({P, H1}) && pre.scalar_type() == x.scalar_type(), "pre must be [P, H1]");
+  const bool has_b1 = b1.has_value() && b1->defined();
+  Tensor g = dout.contiguous();
+  Tensor pre_c = pre.contiguous();
+  Tensor dy = at::empty({P, N}, x.options());
+  Tensor db2 = has_b2 ? at::empty({N}, x.options()) : at::empty({0}, x.options());
+  check_cuda(launch_mlp_layout_gather(g.data_ptr(), dy.data_ptr(), has_b2 ? db2.data_ptr() : nullptr, (int)P,
+                                      (int)num_layers, (int)num_kv_heads, (int)head_dim, dt, stream),
+             "mlp_layout_gather");
+  Tensor h = at::empty({P, H1}, x.options());  // recomputed from the saved pre-activation
+  check_cuda(launch_mlp_bias_act(pre_c.data_ptr(), nullptr, nullptr, h.data_ptr(), (int)P, (int)H1, (int)act, dt,
+                                 stream),
+             "mlp_bias_act");
+  Tensor dw2 = at::matmul(dy.t(), h);
+  Tensor dh = at::matmul(dy, w2).contiguous();
+  Tensor dpre = at::empty({P, H1}, x.options());
+  Tensor db1 = has_b1 ? at::empty({H1}, x.options()) : at::empty({0}, x.options());
+  check_cuda(launch_mlp_act_bwd(dh.data_ptr(), pre_c.data_ptr(), dpre.data_ptr(), has_b1 ? db1.data_ptr() : nullptr,
+                                (int)P, (int)H1, (int)act, dt, stream),
+             "mlp_act_bwd");
+  Tensor dw1 = at::matmul(dpre.t(), x);
+  Tensor dx = at::matmul(dpre, w1);
+  return {dx, dw1, db1, dw2, db2};
+}
+
+}  // namespace
+}  // namespace spk
+
+TORCH_LIBRARY(softprompt_kernels_cuda, m) {
+  m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? prefix_index, "
+        "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)");
+  m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
+        "Tensor? prefix_index, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "
+        "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("mlp_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int num_layers, int num_kv_heads, "
+        "int head_dim, int act) -> (Tensor, Tensor)");
+  m.def("mlp_bwd(Tensor dout, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor pre, bool has_b2, int num_layers, "
+        "int num_kv_heads, int head_dim, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(softprompt_kernels_cuda, CUDA, m) {
+  m.impl("attn_fwd", &spk::attn_fwd);
+  m.impl("attn_bwd", &spk::attn_bwd);
+  m.impl("mlp_fwd", &spk::mlp_fwd);
+  m.impl("mlp_bwd", &spk::mlp_bwd);
+}

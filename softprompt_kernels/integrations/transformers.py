@@ -1,0 +1,218 @@
+"""Hugging Face transformers side of the integration.
+
+* ``PrefixState``: the per-step prefix ``[num_layers, 2, T, Hkv, P, D]`` (T = 1 for the
+  shared prefix) plus the optional row->task index ``[B]`` and the map
+  attention module -> prefix layer.  It travels to the attention function as the
+  forward kwarg ``softprompt_prefix`` (kwargs survive gradient checkpointing).
+* ``PrefixCache``: a ``DynamicCache`` whose layers hold only the model's own tokens but
+  report ``P`` extra tokens, so that positions, ``cache_position`` and mask sizes are
+  exactly those of PEFT's concatenated cache, without ever concatenating the prefix.
+* ``attention_forward`` / ``mask_forward``: registered with ``AttentionInterface`` /
+  ``AttentionMaskInterface`` under ``softprompt_<backend>``.  The mask function returns
+  the 2D bool padding mask ``[B, kv_length]`` (True = real token) or None; the
+  attention function drops its first ``kv_length - S`` (prefix) columns and calls
+  ``prefix_attention``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+from torch import Tensor
+
+from ..ops.prefix_attention import prefix_attention
+from . import _compat
+
+PREFIX_KWARG = "softprompt_prefix"
+_BACKENDS = ("auto", "triton", "cuda", "torch")
+
+
+def attn_implementation_name(backend: str) -> str:
+    return f"softprompt_{backend}"
+
+
+class PrefixState:
+    """Prefix of one forward / one ``generate`` call.
+
+    kv: ``[num_layers, 2, T, Hkv, P, D]`` (any strides); index: None (shared prefix,
+    T == 1) or int64 ``[B]`` in ``[0, T)``; layers: ``{id(attention module): layer}``.
+    """
+
+    def __init__(self, kv: Tensor, index: Optional[Tensor], layers: Dict[int, int], backend: str):
+        if kv.dim() != 6 or kv.shape[1] != 2:
+            raise ValueError(f"kv must be [num_layers, 2, T, Hkv, P, D], got {tuple(kv.shape)}")
+        if index is None and kv.shape[2] != 1:
+            raise ValueError("a prefix with T > 1 tasks needs an index [B]")
+        self.kv = kv
+        self.index = index
+        self.layers = layers
+        self.backend = backend
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.kv.shape[-2]
+
+    def for_module(self, module):
+        """(prefix_k, prefix_v, prefix_index) for ``module``, or (None, None, None)."""
+        layer = self.layers.get(id(module))
+        if layer is None:
+            return None, None, None
+        if self.index is None:  # shared form [Hkv, P, D]
+            return self.kv[layer, 0, 0], self.kv[layer, 1, 0], None
+        return self.kv[layer, 0], self.kv[layer, 1], self.index
+
+    def expand_rows(self, batch_size: int) -> "PrefixState":
+        """Same prefix for a batch ``repeat_interleave``-d to ``batch_size`` rows (beam search)."""
+        if self.index is None or self.index.shape[0] == batch_size:
+            return self
+        if batch_size % self.index.shape[0]:
+            raise ValueError(f"batch of {batch_size} rows is not a multiple of the {self.index.shape[0]} task rows")
+        idx = self.index.repeat_interleave(batch_size // self.index.shape[0])
+        return PrefixState(self.kv, idx, self.layers, self.backend)
+
+
+class PrefixLayer(_compat.DynamicLayer):
+    """A ``DynamicLayer`` that stores only real tokens but counts ``prefix_len`` more."""
+
+    def __init__(self, prefix_len: int, **kwargs):
+        super().__init__(**kwargs)
+        self.prefix_len = prefix_len
+
+    def _stored(self) -> int:
+        return super().get_seq_length()
+
+    def get_seq_length(self) -> int:
+        return self.prefix_len + self._stored()
+
+    def get_mask_sizes(self, query_length: int, *args, **kwargs):
+        return self.get_seq_length() + query_length, 0
+
+    def reorder_cache(self, beam_idx):
+        if self._stored() > 0:
+            super().reorder_cache(beam_idx)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:  # legacy absolute length counts the prefix
+            tokens_to_remove = tokens_to_remove - self.prefix_len - self._stored()
+            if tokens_to_remove > 0:
+                return
+        super().crop(tokens_to_remove)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self._stored() > 0:
+            super().batch_repeat_interleave(repeats)
+
+    def batch_select_indices(self, indices) -> None:
+        if self._stored() > 0:
+            super().batch_select_indices(indices)
+
+
+class PrefixCache(_compat.DynamicCache):
+    """KV cache for a prefix-tuned model: layer l's prefix lives in ``prefix_state``,
+    the cached K/V hold only the model's own tokens; lengths include the prefix."""
+
+    def __init__(self, prefix_state: PrefixState, num_layers: int):
+        P = prefix_state.num_virtual_tokens
+        _compat.Cache.__init__(self, layers=[PrefixLayer(P) for _ in range(num_layers)])
+        self.prefix_state = prefix_state
+
+
+def make_cache(state: PrefixState, num_layers: int, encoder_decoder: bool):
+    cache = PrefixCache(state, num_layers)
+    if encoder_decoder:  # as PEFT: prefix in decoder self-attention only, fresh cross-attention cache
+        return _compat.EncoderDecoderCache(cache, _compat.DynamicCache())
+    return cache
+
+
+def find_prefix_state(cache) -> Optional[PrefixState]:
+    if isinstance(cache, PrefixCache):
+        return cache.prefix_state
+    inner = getattr(cache, "self_attention_cache", None)
+    if isinstance(inner, PrefixCache):
+        return inner.prefix_state
+    return None
+
+
+# ----------------------------------------------------------------------------- dispatch
+def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
+                 mask_function=None, attention_mask: Optional[Tensor] = None, use_vmap: bool = False,
+                 device="cpu", **kwargs) -> Optional[Tensor]:
+    """Mask builder: 2D bool ``[B, kv_length]`` padding mask (True = real token) or None.
+
+    Causality comes from the attention module; a factory other than the plain causal /
+    bidirectional one (e.g. a sliding window) is accepted only where it equals plain
+    causal attention on this call's index grid, otherwise NotImplementedError.
+    """
+    if mask_function is not None and _compat.is_plain_mask_function(mask_function) is None:
+        ok = False
+        if not use_vmap:
+            try:
+                ok = _compat.mask_function_is_causal(mask_function, batch_size, q_length, kv_length,
+                                                     int(q_offset), int(kv_offset), device)
+            except Exception:  # noqa: BLE001 - not index-broadcastable
+                ok = False
+        if not ok:
+            raise NotImplementedError(
+                "softprompt_kernels: this model builds an attention mask (sliding window / chunked / custom overlay) "
+                "that is not plain causal or bidirectional attention over the prefix and the sequence at this length; "
+                "call softprompt_kernels.remove(model) to use the stock PEFT path"
+            )
+    return _compat.padding_mask(attention_mask, kv_length, int(kv_offset))
+
+
+def _unsupported(kwargs) -> Optional[str]:
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return name
+    return None
+
+
+def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
+                      scaling: Optional[float] = None, dropout: float = 0.0, *, _backend: str = "auto", **kwargs):
+    """transformers attention function: q ``[B,Hq,L,D]``, k/v ``[B,Hkv,S,D]`` -> ``([B,L,Hq,D], None)``."""
+    bad = _unsupported(kwargs)
+    if bad is not None:
+        raise NotImplementedError(f"softprompt_kernels attention does not support {bad!r} "
+                                  f"({type(module).__name__}); call softprompt_kernels.remove(model)")
+    state: Optional[PrefixState] = kwargs.get(PREFIX_KWARG)
+    pk = pv = idx = None
+    backend = _backend
+    if state is not None:
+        pk, pv, idx = state.for_module(module)
+        backend = state.backend
+        if pk is not None and pk.dtype != query.dtype:
+            pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+    S = key.shape[2]
+    kpm = None
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool or attention_mask.dim() != 2:
+            raise TypeError(
+                "softprompt attention expects the 2D bool key-padding mask built by its registered mask function, got "
+                f"{attention_mask.dtype} {tuple(attention_mask.shape)} ({type(module).__name__})")
+        kpm = attention_mask[:, attention_mask.shape[1] - S:] if attention_mask.shape[1] >= S else None
+        if kpm is None:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, fewer than the {S} keys of "
+                             f"{type(module).__name__}")
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = getattr(module, "is_causal", False)
+    out = prefix_attention(
+        query, key, value, pk, pv, prefix_index=idx, causal=bool(is_causal) and query.shape[2] > 0,
+        key_padding_mask=kpm, softmax_scale=scaling, dropout_p=float(dropout), backend=backend,
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register(backend: str = "auto") -> str:
+    """Register attention + mask functions for ``backend``; returns the attn_implementation name."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend must be one of {_BACKENDS}, got {backend!r}")
+    name = attn_implementation_name(backend)
+
+    def fn(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        return attention_forward(module, query, key, value, attention_mask, scaling, dropout, _backend=backend, **kwargs)
+
+    fn.__name__ = f"softprompt_attention_{backend}"
+    _compat.register_attention(name, fn)
+    _compat.register_mask(name, mask_forward)
+    return name

@@ -1,0 +1,135 @@
+"""apply(PeftModel) == stock PEFT: logits, loss and every trainable gradient (fp32, torch backend),
+for every supported family; the prefix reaches each layer as a shared [Hkv, P, D] tensor and the
+K/V handed to the op never contain it."""
+import pytest
+import torch
+import transformers
+from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
+
+from conftest import FAMILIES, P, apply, assert_same, batch_for, build, patched_vs_stock, remove, run
+
+from softprompt_kernels.integrations.peft import SUPPORTED_MODEL_TYPES
+
+
+@pytest.mark.parametrize("prefix_projection", [True, False], ids=["prefix-tuning", "p-tuning-v2"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_same_numbers_as_peft(family, prefix_projection):
+    model = build(family, prefix_projection=prefix_projection)
+    batch = batch_for(model)
+    stock, patched = patched_vs_stock(model, batch)
+    assert_same(stock, patched)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert-seq"])
+def test_same_numbers_as_peft_eager(family):
+    """Stock PEFT with attn_implementation='eager' is matched too."""
+    model = build(family, attn="eager", prefix_projection=False)
+    stock, patched = patched_vs_stock(model, batch_for(model))
+    assert_same(stock, patched)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_prefix_reaches_every_layer_without_concat(family, spy):
+    model = build(family, prefix_projection=False)
+    batch = batch_for(model)
+    cfg = model.active_peft_config
+    hkv, d = cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads
+    apply(model, backend="torch")
+    model(**batch)
+    with_prefix = [c for c in spy.calls if c["prefix_k"] is not None]
+    assert len(with_prefix) == cfg.num_layers
+    L = batch["labels"].shape[1] if family == "bart" else batch["input_ids"].shape[1]
+    for c in with_prefix:
+        assert c["prefix_k"] == (hkv, P, d)  # shared form, no batch dimension
+        assert c["prefix_index"] is None
+        assert c["k"][2] == L  # the op's K/V hold the sequence only
+    if family == "bart":  # PEFT: decoder self-attention only; encoder + cross-attention run without prefix
+        assert len(spy.calls) == 3 * cfg.num_layers
+        assert all(c["causal"] for c in with_prefix)
+    else:
+        assert len(spy.calls) == cfg.num_layers
+        causal = not family.startswith(("bert", "roberta"))
+        assert all(c["causal"] == causal for c in with_prefix)
+
+
+@pytest.mark.parametrize("family", ["llama", "bert-seq", "bart"])
+def test_prefix_changes_output_and_base_model_stays_plain(family):
+    """Guards against a vacuous equality: the prefix matters, and the base model called without the
+    PEFT wrapper (what disable_adapter() does) still computes plain attention after apply."""
+    model = build(family, prefix_projection=False)
+    batch = batch_for(model)
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    if family == "bart":
+        inputs["decoder_input_ids"] = batch["labels"]
+    base = model.get_base_model()
+    with torch.no_grad():
+        plain = base(**inputs).logits
+        apply(model, backend="torch")
+        patched = model(**batch).logits
+        plain_patched = base(**inputs).logits
+        if family != "bert-seq":  # PEFT 0.21's disable_adapter() itself fails for SEQ_CLS models
+            with model.disable_adapter():
+                torch.testing.assert_close(model(**inputs).logits, plain, atol=1e-5, rtol=1e-5)
+    assert (patched - plain).abs().max() > 1e-2
+    torch.testing.assert_close(plain_patched, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_remove_restores_stock_behaviour():
+    model = build("llama", prefix_projection=False)
+    batch = batch_for(model)
+    stock = run(model, batch)
+    apply(model, backend="torch")
+    assert model.get_base_model().config._attn_implementation == "softprompt_torch"
+    remove(model)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+    assert "forward" not in model.__dict__ and "get_prompt" not in model.__dict__
+    cache = model.get_prompt(batch_size=2)
+    assert type(cache) is transformers.DynamicCache  # PEFT's own concatenated cache again
+    assert_same(stock, run(model, batch))
+
+
+def test_apply_twice_is_idempotent():
+    model = build("gpt2", prefix_projection=False)
+    batch = batch_for(model)
+    stock = run(model, batch)
+    apply(model, backend="torch")
+    apply(model, backend="torch")
+    assert_same(stock, run(model, batch))
+    remove(model)
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_unsupported_model_type_names_it_and_lists_supported():
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
+    model = get_peft_model(transformers.T5ForConditionalGeneration(cfg),
+                           PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P))
+    with pytest.raises(ValueError, match="'t5'") as err:
+        apply(model)
+    for name in SUPPORTED_MODEL_TYPES:
+        assert name in str(err.value)
+    assert model.get_base_model().config._attn_implementation != "softprompt_auto"  # left untouched
+
+
+def test_rejects_non_prefix_models():
+    base = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=100, n_embd=32, n_layer=2, n_head=4))
+    with pytest.raises(TypeError, match="PeftModel"):
+        apply(base)
+    lora = get_peft_model(base, LoraConfig(task_type=TaskType.CAUSAL_LM, target_modules=["c_attn"]))
+    with pytest.raises(ValueError, match="PrefixTuningConfig"):
+        apply(lora)
+
+
+def test_bad_backend_is_rejected():
+    model = build("gpt2", prefix_projection=False)
+    with pytest.raises(ValueError, match="backend"):
+        apply(model, backend="nope")
+    assert model.get_base_model().config._attn_implementation == "sdpa"
+
+
+def test_sliding_window_shorter_than_sequence_is_refused_not_wrong():
+    """Mistral with a window that would hide the prefix: NotImplementedError, never different numbers."""
+    model = build("mistral", prefix_projection=False)
+    model.get_base_model().config.sliding_window = 4
+    apply(model, backend="torch")
+    with pytest.raises(NotImplementedError, match="sliding window"):
+        model(**batch_for(model))

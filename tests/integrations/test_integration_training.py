@@ -1,0 +1,170 @@
+"""Training-side behaviour after apply: gradient checkpointing, attention dropout routing,
+transformers.Trainer, 2-process DDP (gloo, CPU) and PEFT save/load in both directions."""
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from peft import PeftModel
+
+from conftest import FAMILIES, apply, assert_same, batch_for, build, remove, run
+
+
+def no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "bert-seq", "bart"])
+def test_gradient_checkpointing_same_grads(family, spy):
+    model = build(family, prefix_projection=False)
+    if family == "bart":
+        cfg = model.get_base_model().config
+        for m in model.modules():
+            if hasattr(m, "dropout") and isinstance(m.dropout, float):
+                m.dropout = 0.0
+            if hasattr(m, "activation_dropout") and isinstance(m.activation_dropout, float):
+                m.activation_dropout = 0.0
+        cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.0
+    batch = batch_for(model)
+    stock = run(model, batch)  # eval mode, no checkpointing
+    apply(model, backend="torch")
+    no_dropout(model).train()
+    plain = run(model, batch)
+    n_plain = len([c for c in spy.calls if c["prefix_k"] is not None])
+    model.gradient_checkpointing_enable()
+    spy.calls.clear()
+    ckpt = run(model, batch)
+    n_ckpt = len([c for c in spy.calls if c["prefix_k"] is not None])
+    model.gradient_checkpointing_disable()
+    assert n_ckpt == 2 * n_plain  # every layer recomputed in backward, prefix still there
+    assert_same(plain, ckpt, atol=0, rtol=0) if family != "bart" else assert_same(plain, ckpt)
+    assert_same(stock, ckpt)
+
+
+@pytest.mark.parametrize("family,expected", [("gpt2", 0.1), ("bert-seq", 0.1)])
+def test_attention_dropout_goes_through_the_op(family, expected, spy):
+    model = build(family, prefix_projection=False)
+    batch = batch_for(model)
+    apply(model, backend="torch")
+    # keep only the attention-probability dropout (the one the op must apply)
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout) and not name.endswith((".attn_dropout", ".attention.self.dropout")):
+            m.p = 0.0
+    model.train()
+    torch.manual_seed(3)
+    a = model(**batch).logits
+    assert spy.calls and all(c["dropout_p"] == pytest.approx(expected) for c in spy.calls)
+    torch.manual_seed(3)
+    b = model(**batch).logits
+    torch.testing.assert_close(a, b, atol=0, rtol=0)  # reproducible from torch's seed
+    spy.calls.clear()
+    model.eval()
+    with torch.no_grad():
+        ev = model(**batch).logits
+    assert spy.calls and all(c["dropout_p"] == 0.0 for c in spy.calls)
+    assert (a - ev).abs().max() > 1e-3  # the op's dropout acted in training mode
+
+
+def _trainer_losses(patched: bool, gradient_checkpointing: bool, tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = no_dropout(build("gpt2", prefix_projection=False, seed=5))
+    if patched:
+        apply(model, backend="torch")
+    rows = []
+    for i in range(8):
+        b = batch_for(model, B=1, L=6, seed=100 + i)
+        rows.append({k: v[0] for k, v in b.items()})
+    args = TrainingArguments(
+        output_dir=str(tmp_path / f"out{patched}{gradient_checkpointing}"), per_device_train_batch_size=4,
+        max_steps=4, learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+        remove_unused_columns=False, gradient_checkpointing=gradient_checkpointing, seed=0, data_seed=0,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+
+
+def test_trainer_loss_curve_equals_stock(tmp_path):
+    stock = _trainer_losses(False, False, tmp_path)
+    patched = _trainer_losses(True, False, tmp_path)
+    patched_ckpt = _trainer_losses(True, True, tmp_path)
+    assert len(stock) == 4 and len(set(stock)) > 1  # it trained
+    assert patched == pytest.approx(stock, rel=1e-5, abs=1e-6)
+    assert patched_ckpt == pytest.approx(stock, rel=1e-5, abs=1e-6)
+
+
+# ------------------------------------------------------------------------------------ DDP
+def _ddp_worker(rank, world, init_file, out_file, prefix_projection):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = build("bert-seq", prefix_projection=prefix_projection)
+        apply(model, backend="torch")
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        batch = batch_for(model, B=4)
+        half = {k: v[rank * 2:(rank + 1) * 2] for k, v in batch.items()}
+        ddp(**half).loss.backward()
+        if rank == 0:
+            torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_file)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("prefix_projection", [True, False], ids=["prefix-tuning", "p-tuning-v2"])
+def test_ddp_two_processes_same_grads(tmp_path, prefix_projection):
+    out_file = str(tmp_path / "grads.pt")
+    # fork: the children reuse the imported modules (spawn would re-import torch/transformers twice)
+    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file, prefix_projection), nprocs=2,
+                       join=True, start_method="fork")
+    ddp_grads = torch.load(out_file)
+    model = build("bert-seq", prefix_projection=prefix_projection)
+    apply(model, backend="torch")
+    _, _, grads = run(model, batch_for(model, B=4))
+    assert ddp_grads.keys() == grads.keys()
+    for n in grads:
+        torch.testing.assert_close(ddp_grads[n], grads[n], atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------ save/load
+@pytest.mark.parametrize("prefix_projection", [True, False], ids=["prefix-tuning", "p-tuning-v2"])
+@pytest.mark.parametrize("family", ["llama", "bert-seq"])
+def test_save_load_keeps_peft_format(family, prefix_projection, tmp_path):
+    model = build(family, prefix_projection=prefix_projection)
+    batch = batch_for(model)
+    with torch.no_grad():
+        stock = model(**batch).logits
+    model.save_pretrained(tmp_path / "stock")
+    apply(model, backend="torch")
+    model.save_pretrained(tmp_path / "patched")
+    a = dict(_load_state(tmp_path / "stock"))
+    b = dict(_load_state(tmp_path / "patched"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k])
+
+    # saved by stock PEFT -> loaded and patched; saved while patched -> loaded by stock PEFT
+    for src, patch in (("stock", True), ("patched", False)):
+        torch.manual_seed(0)  # same base weights as build()
+        base, _ = FAMILIES[family]("sdpa")
+        loaded = PeftModel.from_pretrained(base, tmp_path / src).eval()
+        if patch:
+            apply(loaded, backend="torch")
+        with torch.no_grad():
+            got = loaded(**batch).logits
+        torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
+    remove(model)
+
+
+def _load_state(path):
+    from safetensors.torch import load_file
+
+    files = [f for f in os.listdir(path) if f.endswith(".safetensors")]
+    assert files
+    return load_file(os.path.join(path, files[0])).items()

@@ -76,7 +76,7 @@ def _mlp_mm_kernel(
     M, K, C_GROUPS, C_D, A_D,
     stride_am, stride_ag, stride_b, stride_cm, stride_cg,
     ACT: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, A_SPLIT_K: tl.constexpr,
-    B_KMAJOR: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    B_KMAJOR: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """C[M, N] = A[M, K] @ B[K, N] (+ bias[N]) then epilogue EPI; N = C_GROUPS * C_D.
@@ -90,6 +90,14 @@ def _mlp_mm_kernel(
     EPI 0: C = acc (+bias).  EPI 1: PRE = acc + bias (if ACT != identity), C = act(PRE rounded).
     EPI 2: C = acc * act'(PRE); AOUT = act(PRE) (if ACT != identity).  PRE/AOUT: row-major [M, N].
     """
+    if ALIGNED:  # the launcher checked: every stride / size below is a multiple of 8 elements
+        stride_am = tl.multiple_of(stride_am, 8)
+        stride_ag = tl.multiple_of(stride_ag, 8)
+        stride_b = tl.multiple_of(stride_b, 8)
+        stride_cm = tl.multiple_of(stride_cm, 8)
+        stride_cg = tl.multiple_of(stride_cg, 8)
+        C_D = tl.multiple_of(C_D, 8)
+        A_D = tl.multiple_of(A_D, 8)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_chunks = tl.cdiv(C_D, BLOCK_N)
@@ -171,7 +179,7 @@ def _mlp_wgrad_kernel(
     G, X, DW, DB,
     N, K, G_D,
     stride_gk, stride_gg, stride_xk,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """DW[m, n] = sum_k G[k, m] X[k, n] (row-major [M, N]);  DB[m] = sum_k G[k, m] (pid_n == 0).
@@ -180,6 +188,12 @@ def _mlp_wgrad_kernel(
     plain [K, M] matrix is one group with G_D = M).  Each program owns one d-chunk of one
     group (grid axis 0 = groups * cdiv(G_D, BLOCK_M)).  X[k, n] at ``k*sxk + n``.
     """
+    if ALIGNED:  # the launcher checked: every stride / size below is a multiple of 8 elements
+        N = tl.multiple_of(N, 8)
+        G_D = tl.multiple_of(G_D, 8)
+        stride_gk = tl.multiple_of(stride_gk, 8)
+        stride_gg = tl.multiple_of(stride_gg, 8)
+        stride_xk = tl.multiple_of(stride_xk, 8)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m_chunks = tl.cdiv(G_D, BLOCK_M)
@@ -355,7 +369,7 @@ def aot_specs() -> list[KernelSpec]:
     specs = []
     for dtype, ty in _TY.items():
         wg = dtype != torch.float32
-        flags = dict(IEEE=dtype == torch.float32, UPCAST=False)
+        flags = dict(IEEE=dtype == torch.float32, UPCAST=False, ALIGNED=True)
         mm_sig = {n: f"*{ty}" for n in ("A", "B", "C", "BIAS", "PRE", "AOUT")}
         mm_sig.update({n: "i32" for n in ("M", "K", "C_GROUPS", "C_D", "A_D", "stride_am", "stride_ag",
                                           "stride_b", "stride_cm", "stride_cg")})

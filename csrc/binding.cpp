@@ -12,17 +12,51 @@
 //   mlp_bwd(dout, x, w1, b1?, w2, pre, has_b2, num_layers, num_kv_heads, head_dim, act)
 //       -> (dx, dw1, db1, dw2, db2)   db1/db2 empty when the bias is None.
 #include <ATen/ATen.h>
+#include <torch/library.h>
+#if !defined(SPK_EMULATION)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <torch/library.h>
+#endif
 
+#include <limits>
 #include <optional>
 #include <tuple>
 
 #include "launchers.h"
 
+// The host emulation build (csrc/tests/cuda_emulation.h, -DSPK_EMULATION) registers the same
+// ops for CPU tensors under softprompt_kernels_cuda_emu and runs the kernels on the host.
+#if defined(SPK_EMULATION)
+#define SPK_NS softprompt_kernels_cuda_emu
+#define SPK_DISPATCH_KEY CPU
+#define SPK_DEVICE_GUARD(dev) (void)(dev)
+#else
+#define SPK_NS softprompt_kernels_cuda
+#define SPK_DISPATCH_KEY CUDA
+#define SPK_DEVICE_GUARD(dev) c10::cuda::CUDAGuard guard_(dev)
+#endif
+#define SPK_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define SPK_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
 namespace spk {
 namespace {
+
+#if defined(SPK_EMULATION)
+bool on_kernel_device(const at::Tensor& t) { return t.is_cpu(); }
+cudaStream_t current_stream() { return nullptr; }
+#else
+bool on_kernel_device(const at::Tensor& t) { return t.is_cuda(); }
+cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
+// Output allocation; the emulation build poisons it with NaN so an unwritten element shows.
+at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opts) {
+  at::Tensor t = at::empty(sizes, opts);
+#if defined(SPK_EMULATION)
+  t.fill_(std::numeric_limits<double>::quiet_NaN());
+#endif
+  return t;
+}
 
 using at::Tensor;
 
@@ -43,7 +77,7 @@ void check_cuda(cudaError_t err, const char* what) {
 
 void check_4d(const Tensor& t, const char* name, const Tensor& q) {
   TORCH_CHECK(t.dim() == 4, name, " must be 4-D, got shape ", t.sizes());
-  TORCH_CHECK(t.is_cuda() && t.device() == q.device(), name, " must be on ", q.device());
+  TORCH_CHECK(on_kernel_device(t) && t.device() == q.device(), name, " must be on ", q.device());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), name, " must have dtype ", q.scalar_type());
 }
 
@@ -114,16 +148,16 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
                                     const std::optional<Tensor>& prefix_k, const std::optional<Tensor>& prefix_v,
                                     const std::optional<Tensor>& prefix_index,
                                     const std::optional<Tensor>& key_padding_mask, bool causal, double scale) {
-  c10::cuda::CUDAGuard guard(q.device());
+  SPK_DEVICE_GUARD(q.device());
   PrefixArgs pre;
   PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale, pre);
-  Tensor out = at::empty({p.B, p.Hq, p.L, p.D}, q.options());
-  Tensor lse = at::empty({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
+  Tensor out = new_output({p.B, p.Hq, p.L, p.D}, q.options());
+  Tensor lse = new_output({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr(); p.lse = lse.data_ptr<float>();
   p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sl = out.stride(2); p.o_sd = out.stride(3);
   p.lse_sb = lse.stride(0); p.lse_sh = lse.stride(1); p.lse_sl = lse.stride(2);
   if (out.numel() > 0)
-    check_cuda(launch_prefix_attn_fwd(p, dtype_of(q), c10::cuda::getCurrentCUDAStream().stream()), "attn_fwd");
+    check_cuda(launch_prefix_attn_fwd(p, dtype_of(q), current_stream()), "attn_fwd");
   return {out, lse};
 }
 
@@ -132,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
     const std::optional<Tensor>& prefix_v, const std::optional<Tensor>& prefix_index,
     const std::optional<Tensor>& key_padding_mask, const Tensor& out, const Tensor& lse, bool causal, double scale,
     bool deterministic) {
-  c10::cuda::CUDAGuard guard(q.device());
+  SPK_DEVICE_GUARD(q.device());
   PrefixArgs pre;
   PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale, pre);
   check_4d(dout, "dout", q);
@@ -148,12 +182,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
   Tensor lse_c = lse.contiguous();  // delta shares lse's (contiguous) strides
   p.lse = lse_c.data_ptr<float>();
   p.lse_sb = lse_c.stride(0); p.lse_sh = lse_c.stride(1); p.lse_sl = lse_c.stride(2);
-  Tensor delta = at::empty_like(lse_c);
+  Tensor delta = new_output(lse_c.sizes(), lse_c.options());
   p.delta = delta.data_ptr<float>();
 
-  Tensor dq = at::empty(q.sizes(), q.options());
-  Tensor dk = at::empty(k.sizes(), k.options());
-  Tensor dv = at::empty(v.sizes(), v.options());
+  Tensor dq = new_output(q.sizes(), q.options());
+  Tensor dk = new_output(k.sizes(), k.options());
+  Tensor dv = new_output(v.sizes(), v.options());
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dq_sb = dq.stride(0); p.dq_sh = dq.stride(1); p.dq_sl = dq.stride(2); p.dq_sd = dq.stride(3);
   p.dk_sb = dk.stride(0); p.dk_sh = dk.stride(1); p.dk_ss = dk.stride(2); p.dk_sd = dk.stride(3);
@@ -164,14 +198,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
   if (with_prefix) {
     auto fopt = q.options().dtype(at::kFloat);
     const int64_t slots = deterministic ? p.B : p.T;
-    dpk_buf = deterministic ? at::empty({slots, p.Hkv, p.P, p.D}, fopt) : at::zeros({slots, p.Hkv, p.P, p.D}, fopt);
-    dpv_buf = deterministic ? at::empty({slots, p.Hkv, p.P, p.D}, fopt) : at::zeros({slots, p.Hkv, p.P, p.D}, fopt);
+    dpk_buf = deterministic ? new_output({slots, p.Hkv, p.P, p.D}, fopt) : at::zeros({slots, p.Hkv, p.P, p.D}, fopt);
+    dpv_buf = deterministic ? new_output({slots, p.Hkv, p.P, p.D}, fopt) : at::zeros({slots, p.Hkv, p.P, p.D}, fopt);
     p.dpk = dpk_buf.data_ptr<float>(); p.dpv = dpv_buf.data_ptr<float>();
     p.dp_sr = dpk_buf.stride(0); p.dp_sh = dpk_buf.stride(1); p.dp_sp = dpk_buf.stride(2); p.dp_sd = dpk_buf.stride(3);
   } else {
     p.P = 0;  // a [T, Hkv, 0, D] prefix is no prefix
   }
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  auto stream = current_stream();
   if (q.numel() > 0) check_cuda(launch_prefix_attn_bwd(p, dtype_of(q), stream), "attn_bwd");
   else { dk.zero_(); dv.zero_(); if (with_prefix) { dpk_buf.zero_(); dpv_buf.zero_(); } }
 
@@ -180,8 +214,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
       dpk = at::zeros(pre.pk.sizes(), pre.pk.options());
       dpv = at::zeros(pre.pv.sizes(), pre.pv.options());
     } else if (deterministic) {
-      dpk = at::empty({p.T, p.Hkv, p.P, p.D}, q.options());
-      dpv = at::empty({p.T, p.Hkv, p.P, p.D}, q.options());
+      dpk = new_output({p.T, p.Hkv, p.P, p.D}, q.options());
+      dpv = new_output({p.T, p.Hkv, p.P, p.D}, q.options());
       const int64_t row = (int64_t)p.Hkv * p.P * p.D;
       check_cuda(launch_prefix_grad_reduce(p.dpk, p.prefix_index, dpk.data_ptr(), p.B, p.T, row, dtype_of(q), stream),
                  "prefix_grad_reduce");
@@ -201,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
 // ------------------------------------------------------------------ prefix MLP
 void check_mlp(const Tensor& x, const Tensor& w1, const std::optional<Tensor>& b1, const Tensor& w2,
                const std::optional<Tensor>& b2, int64_t NL, int64_t Hkv, int64_t D, int64_t act) {
-  TORCH_CHECK(x.is_cuda() && x.dim() == 2, "x must be a CUDA [P, E] tensor");
+  TORCH_CHECK(on_kernel_device(x) && x.dim() == 2, "x must be a [P, E] tensor on the kernels' device");
   dtype_of(x);
   TORCH_CHECK(w1.dim() == 2 && w1.size(1) == x.size(1) && w1.scalar_type() == x.scalar_type(),
               "w1 must be [H1, E] with x's dtype");
@@ -225,19 +259,19 @@ std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& w1, const std:
                                    const Tensor& w2, const std::optional<Tensor>& b2, int64_t num_layers,
                                    int64_t num_kv_heads, int64_t head_dim, int64_t act) {
   check_mlp(x, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, act);
-  c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  SPK_DEVICE_GUARD(x.device());
+  auto stream = current_stream();
   const DType dt = dtype_of(x);
   const int64_t P = x.size(0), H1 = w1.size(0);
   Tensor b1c, b2c;
   Tensor h_lin = at::matmul(x, w1.t()).contiguous();  // cuBLAS
-  Tensor pre = at::empty({P, H1}, x.options());
-  Tensor h = at::empty({P, H1}, x.options());
+  Tensor pre = new_output({P, H1}, x.options());
+  Tensor h = new_output({P, H1}, x.options());
   check_cuda(launch_mlp_bias_act(h_lin.data_ptr(), opt_ptr(b1, b1c), pre.data_ptr(), h.data_ptr(), (int)P, (int)H1,
                                  (int)act, dt, stream),
              "mlp_bias_act");
   Tensor y = at::matmul(h, w2.t()).contiguous();  // cuBLAS, [P, N]
-  Tensor out = at::empty({num_layers, 2, num_kv_heads, P, head_dim}, x.options());
+  Tensor out = new_output({num_layers, 2, num_kv_heads, P, head_dim}, x.options());
   check_cuda(launch_mlp_layout_store(y.data_ptr(), opt_ptr(b2, b2c), out.data_ptr(), (int)P, (int)num_layers,
                                      (int)num_kv_heads, (int)head_dim, dt, stream),
              "mlp_layout_store");
@@ -249,8 +283,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& dout, c
                                                            const Tensor& pre, bool has_b2, int64_t num_layers,
                                                            int64_t num_kv_heads, int64_t head_dim, int64_t act) {
   check_mlp(x, w1, b1, w2, std::nullopt, num_layers, num_kv_heads, head_dim, act);
-  c10::cuda::CUDAGuard guard(x.device());
-  auto stream = c10::cuda::getCurrentCUDAStream().stream();
+  SPK_DEVICE_GUARD(x.device());
+  auto stream = current_stream();
   const DType dt = dtype_of(x);
   const int64_t P = x.size(0), H1 = w1.size(0), N = w2.size(0);
   TORCH_CHECK(dout.sizes() == at::IntArrayRef({num_layers, 2, num_kv_heads, P, head_dim}) &&
@@ -260,19 +294,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& dout, c
   const bool has_b1 = b1.has_value() && b1->defined();
   Tensor g = dout.contiguous();
   Tensor pre_c = pre.contiguous();
-  Tensor dy = at::empty({P, N}, x.options());
-  Tensor db2 = has_b2 ? at::empty({N}, x.options()) : at::empty({0}, x.options());
+  Tensor dy = new_output({P, N}, x.options());
+  Tensor db2 = has_b2 ? new_output({N}, x.options()) : at::empty({0}, x.options());
   check_cuda(launch_mlp_layout_gather(g.data_ptr(), dy.data_ptr(), has_b2 ? db2.data_ptr() : nullptr, (int)P,
                                       (int)num_layers, (int)num_kv_heads, (int)head_dim, dt, stream),
              "mlp_layout_gather");
-  Tensor h = at::empty({P, H1}, x.options());  // recomputed from the saved pre-activation
+  Tensor h = new_output({P, H1}, x.options());  // recomputed from the saved pre-activation
   check_cuda(launch_mlp_bias_act(pre_c.data_ptr(), nullptr, nullptr, h.data_ptr(), (int)P, (int)H1, (int)act, dt,
                                  stream),
              "mlp_bias_act");
   Tensor dw2 = at::matmul(dy.t(), h);
   Tensor dh = at::matmul(dy, w2).contiguous();
-  Tensor dpre = at::empty({P, H1}, x.options());
-  Tensor db1 = has_b1 ? at::empty({H1}, x.options()) : at::empty({0}, x.options());
+  Tensor dpre = new_output({P, H1}, x.options());
+  Tensor db1 = has_b1 ? new_output({H1}, x.options()) : at::empty({0}, x.options());
   check_cuda(launch_mlp_act_bwd(dh.data_ptr(), pre_c.data_ptr(), dpre.data_ptr(), has_b1 ? db1.data_ptr() : nullptr,
                                 (int)P, (int)H1, (int)act, dt, stream),
              "mlp_act_bwd");
@@ -284,7 +318,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& dout, c
 }  // namespace
 }  // namespace spk
 
-TORCH_LIBRARY(softprompt_kernels_cuda, m) {
+SPK_TORCH_LIBRARY(SPK_NS, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? prefix_index, "
         "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
@@ -296,7 +330,7 @@ TORCH_LIBRARY(softprompt_kernels_cuda, m) {
         "int num_kv_heads, int head_dim, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(softprompt_kernels_cuda, CUDA, m) {
+SPK_TORCH_LIBRARY_IMPL(SPK_NS, SPK_DISPATCH_KEY, m) {
   m.impl("attn_fwd", &spk::attn_fwd);
   m.impl("attn_bwd", &spk::attn_bwd);
   m.impl("mlp_fwd", &spk::mlp_fwd);

@@ -1,8 +1,7 @@
 // Device-side conversions between the storage types (float, half, bfloat16) and float.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
+#include "cuda_compat.cuh"
 
 namespace spk {
 

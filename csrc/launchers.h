@@ -4,7 +4,11 @@
 
 #include <cstdint>
 
+#if defined(SPK_EMULATION)
+#include "tests/cuda_emulation.h"
+#else
 #include <cuda_runtime_api.h>
+#endif
 
 #include "prefix_attention_common.cuh"
 

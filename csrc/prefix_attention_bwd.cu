@@ -7,9 +7,7 @@
 //   3. dQ: one block per (query tile, head, row), loops over prefix + sequence key tiles.
 //   4. deterministic prefix reduction: fixed-order sum of the partials over rows b per task.
 // P is recomputed from the saved lse; masked scores and empty rows (lse = -inf) give P = 0.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cuda_compat.cuh"
 
 #include "launchers.h"
 #include "prefix_attention_tiles.cuh"
@@ -47,7 +45,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dkdv_kernel(const
   using Cfg = DkvCfg<DM>;
   constexpr int BN = Cfg::kRows, BM = Cfg::kCols, TPR = Cfg::kTPR, DPT = Cfg::kDPT,
                 MPT = Cfg::kCPT, QS = Cfg::kStride, PS = BM + 1;
-  extern __shared__ float smem[];
+  SPK_DYNAMIC_SMEM(smem);
   float* sK = smem;              // [BN][QS]
   float* sV = sK + BN * QS;      // [BN][QS]
   float* sQ = sV + BN * QS;      // [BM][QS]
@@ -164,7 +162,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_bwd_dq_kernel(const Pref
   using Cfg = DqCfg<DM>;
   constexpr int BM = Cfg::kRows, BN = Cfg::kCols, TPR = Cfg::kTPR, DPT = Cfg::kDPT,
                 NPT = Cfg::kCPT, QS = Cfg::kStride, PS = BN + 1;
-  extern __shared__ float smem[];
+  SPK_DYNAMIC_SMEM(smem);
   float* sQ = smem;            // [BM][QS]
   float* sdO = sQ + BM * QS;   // [BM][QS]
   float* sK = sdO + BM * QS;   // [BN][QS]
@@ -269,7 +267,7 @@ static cudaError_t run_bwd(const PrefixAttnParams& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
     dim3 grid(num_tiles(p.P, Cfg::kRows) + num_tiles(p.S, Cfg::kRows), p.Hkv, p.B);
-    if (grid.x > 0) kernel<<<grid, kThreads, smem, stream>>>(p);
+    if (grid.x > 0) SPK_LAUNCH(kernel, grid, kThreads, smem, stream, p);
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
@@ -280,7 +278,7 @@ static cudaError_t run_bwd(const PrefixAttnParams& p, cudaStream_t stream) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
     if (err != cudaSuccess) return err;
     dim3 grid(num_tiles(p.L, Cfg::kRows), p.Hq, p.B);
-    kernel<<<grid, kThreads, smem, stream>>>(p);
+    SPK_LAUNCH(kernel, grid, kThreads, smem, stream, p);
     err = cudaGetLastError();
   }
   return err;
@@ -290,7 +288,7 @@ template <typename T>
 static cudaError_t dispatch_bwd(const PrefixAttnParams& p, cudaStream_t stream) {
   const int64_t rows = (int64_t)p.B * p.Hq * p.L;
   const int per_block = kThreads / 32;
-  prefix_attn_bwd_delta_kernel<T><<<(unsigned)((rows + per_block - 1) / per_block), kThreads, 0, stream>>>(p);
+  SPK_LAUNCH(prefix_attn_bwd_delta_kernel<T>, (unsigned)((rows + per_block - 1) / per_block), kThreads, 0, stream, p);
   cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess) return err;
   switch (head_dim_bucket(p.D)) {
@@ -318,7 +316,7 @@ static cudaError_t run_reduce(const float* partial, const int64_t* index, void* 
   if (T_ == 0 || row_elems == 0) return cudaSuccess;
   int64_t bx = (row_elems + 255) / 256;
   if (bx > 4096) bx = 4096;
-  prefix_grad_reduce_kernel<T><<<dim3((unsigned)bx, T_), 256, 0, stream>>>(partial, index, static_cast<T*>(out), B, row_elems);
+  SPK_LAUNCH(prefix_grad_reduce_kernel<T>, dim3((unsigned)bx, T_), 256, 0, stream, partial, index, static_cast<T*>(out), B, row_elems);
   return cudaGetLastError();
 }
 

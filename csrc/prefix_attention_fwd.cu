@@ -3,9 +3,7 @@
 // stride, never masked), then over the row's own keys (causal bottom-right / padding masked),
 // with one online softmax across both.  Tiles live in shared memory as float; all
 // accumulation is float32.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cuda_compat.cuh"
 
 #include "launchers.h"
 #include "prefix_attention_tiles.cuh"
@@ -30,7 +28,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_fwd_kernel(const PrefixA
   using Cfg = FwdCfg<DM>;
   constexpr int BM = Cfg::kRows, BN = Cfg::kCols, TPR = Cfg::kTPR, DPT = Cfg::kDPT,
                 NPT = Cfg::kCPT, QS = Cfg::kStride, PS = BN + 1;
-  extern __shared__ float smem[];
+  SPK_DYNAMIC_SMEM(smem);
   float* sQ = smem;             // [BM][QS]
   float* sK = sQ + BM * QS;     // [BN][QS]
   float* sV = sK + BN * QS;     // [BN][DM]
@@ -122,7 +120,7 @@ static cudaError_t run_fwd(const PrefixAttnParams& p, cudaStream_t stream) {
   if (err != cudaSuccess) return err;
   dim3 grid(num_tiles(p.L, Cfg::kRows), p.Hq, p.B);
   if (grid.x == 0 || p.B == 0 || p.Hq == 0) return cudaSuccess;
-  kernel<<<grid, kThreads, smem, stream>>>(p);
+  SPK_LAUNCH(kernel, grid, kThreads, smem, stream, p);
   return cudaGetLastError();
 }
 

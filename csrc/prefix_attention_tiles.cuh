@@ -2,8 +2,7 @@
 // global->shared tile loads, dot products over a head-dim bucket.
 #pragma once
 
-#include <cuda_runtime.h>
-
+#include "cuda_compat.cuh"
 #include "dtype_utils.cuh"
 #include "prefix_attention_common.cuh"
 

@@ -5,9 +5,7 @@
 //   bwd:  gather of dOut back to [P, N] fused with the db2 column sum, and
 //         dH * act'(pre) fused with the db1 column sum.
 // Column sums run in a fixed order (one thread per column loops over the rows): deterministic.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
+#include "cuda_compat.cuh"
 
 #include "dtype_utils.cuh"
 #include "launchers.h"
@@ -95,7 +93,7 @@ cudaError_t launch_mlp_bias_act(const void* x, const void* bias, void* pre, void
   const int64_t n = (int64_t)rows * cols;
   if (n == 0) return cudaSuccess;
   SPK_DTYPE_SWITCH(dt, T,
-                   mlp_bias_act_kernel<T><<<grid_for(n), kMlpThreads, 0, stream>>>(
+                   SPK_LAUNCH(mlp_bias_act_kernel<T>, grid_for(n), kMlpThreads, 0, stream, 
                        static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(pre),
                        static_cast<T*>(y), n, cols, act));
   return cudaGetLastError();
@@ -106,7 +104,7 @@ cudaError_t launch_mlp_layout_store(const void* y, const void* bias, void* out, 
   const int64_t N = (int64_t)num_layers * 2 * Hkv * D;
   if (N * P == 0) return cudaSuccess;
   SPK_DTYPE_SWITCH(dt, T,
-                   mlp_layout_store_kernel<T><<<grid_for(N * P), kMlpThreads, 0, stream>>>(
+                   SPK_LAUNCH(mlp_layout_store_kernel<T>, grid_for(N * P), kMlpThreads, 0, stream, 
                        static_cast<const T*>(y), static_cast<const T*>(bias), static_cast<T*>(out), P, N, D));
   return cudaGetLastError();
 }
@@ -116,7 +114,7 @@ cudaError_t launch_mlp_layout_gather(const void* dout, void* dy, void* dbias, in
   const int64_t N = (int64_t)num_layers * 2 * Hkv * D;
   if (N == 0) return cudaSuccess;
   SPK_DTYPE_SWITCH(dt, T,
-                   mlp_layout_gather_kernel<T><<<grid_for(N), kMlpThreads, 0, stream>>>(
+                   SPK_LAUNCH(mlp_layout_gather_kernel<T>, grid_for(N), kMlpThreads, 0, stream, 
                        static_cast<const T*>(dout), static_cast<T*>(dy), static_cast<T*>(dbias), P, N, D));
   return cudaGetLastError();
 }
@@ -125,7 +123,7 @@ cudaError_t launch_mlp_act_bwd(const void* dh, const void* pre, void* dpre, void
                                DType dt, cudaStream_t stream) {
   if (cols == 0) return cudaSuccess;
   SPK_DTYPE_SWITCH(dt, T,
-                   mlp_act_bwd_kernel<T><<<grid_for(cols), kMlpThreads, 0, stream>>>(
+                   SPK_LAUNCH(mlp_act_bwd_kernel<T>, grid_for(cols), kMlpThreads, 0, stream, 
                        static_cast<const T*>(dh), static_cast<const T*>(pre), static_cast<T*>(dpre),
                        static_cast<T*>(dbias), rows, cols, act));
   return cudaGetLastError();

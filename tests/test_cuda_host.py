@@ -48,3 +48,122 @@ def test_host_helpers_nvcc_host_pass(tmp_path):
     exe = tmp_path / "host_test_nvcc"
     # host code only: no GPU code generation needed to run it here
     _build_and_run([nvcc, "-std=c++17", "-O1", "-x", "cu", "-arch=sm_80", str(SRC), "-o", str(exe)], exe)
+
+
+# ---------------------------------------------------------------------------------------------
+# Host emulation of the real kernels: csrc/*.cu and csrc/binding.cpp compiled as C++ with
+# -DSPK_EMULATION (csrc/tests/cuda_emulation.h: threads are fibers, __syncthreads/__syncwarp
+# are barriers, shuffles go through memory), registered for CPU tensors as
+# torch.ops.softprompt_kernels_cuda_emu.*.  The same kernel code, launchers and binding glue as
+# the GPU build run here against the float64 reference; outputs and shared memory are
+# poisoned with NaN.
+import torch  # noqa: E402
+
+from softprompt_kernels.cuda._build import cuda_sources  # noqa: E402
+from softprompt_kernels.cuda._testing import CASES, Case, check_attention, make_inputs  # noqa: E402
+from softprompt_kernels.testing import assert_close  # noqa: E402
+
+EMU_NS = "softprompt_kernels_cuda_emu"
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    try:
+        import ninja  # noqa: F401
+    except ImportError:
+        if shutil.which("ninja") is None:
+            pytest.skip("ninja not installed (pip install ninja): cannot build the host emulation")
+    if shutil.which("g++") is None and shutil.which("c++") is None:
+        pytest.skip("no host C++ compiler")
+    from torch.utils.cpp_extension import load
+
+    build = tmp_path_factory.mktemp("cuda_emu")
+    wrappers = []
+    for src in cuda_sources():  # compile the .cu files as C++ through one-line wrappers
+        w = build / f"emu_{src.stem}.cpp"
+        w.write_text(f'#include "{src}"\n')
+        wrappers.append(str(w))
+    load(name=EMU_NS, sources=wrappers, extra_cflags=["-O2", "-DSPK_EMULATION"],
+         extra_include_paths=[str(ROOT / "csrc")], is_python_module=False, build_directory=str(build))
+    return getattr(torch.ops, EMU_NS)
+
+
+def _fns(E, deterministic=None):
+    def fwd(q, k, v, pk, pv, idx, kpm, causal, scale):
+        return E.attn_fwd(q, k, v, pk, pv, idx, kpm, causal, scale)
+
+    def bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, det):
+        det = det if deterministic is None else deterministic
+        dq, dk, dv, dpk, dpv = E.attn_bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, det)
+        if pk is None:
+            assert dpk.numel() == 0 and dpv.numel() == 0
+            return dq, dk, dv, None, None
+        return dq, dk, dv, dpk, dpv
+
+    return fwd, bwd
+
+
+_EMU_PARAMS = [(c, dt) for c in CASES for dt in (torch.float32, torch.bfloat16)]
+_EMU_PARAMS += [(CASES[1], torch.float16), (CASES[4], torch.float16)]
+
+
+@pytest.mark.parametrize("case,dtype", _EMU_PARAMS, ids=lambda x: str(x))
+def test_emulated_attention_matches_reference(emu, case, dtype):
+    fwd, bwd = _fns(emu)
+    check_attention(fwd, bwd, case, dtype, "cpu", seed=len(str(case)))
+
+
+def test_emulated_atomic_prefix_reduction(emu):
+    fwd, bwd = _fns(emu, deterministic=False)
+    check_attention(fwd, bwd, CASES[1], torch.float32, "cpu", seed=7)
+
+
+def test_emulated_gqa_prefix_grad_is_summed_over_rows_and_group(emu):
+    """Shared prefix, 4 rows, 3 query heads per kv head: the kernel's prefix gradient equals
+    the sum of per-row autograd gradients of the expanded prefix."""
+    case = Case(4, 6, 2, 9, 9, 13, 40, causal=True, mask=True, form="shared")
+    fwd, bwd = _fns(emu)
+    check_attention(fwd, bwd, case, torch.float32, "cpu", seed=3)
+
+
+def test_emulated_prefix_mlp_matches_reference(emu):
+    from softprompt_kernels.reference import prefix_mlp_reference
+
+    P, E, H1, NL, Hkv, D = 13, 24, 40, 2, 2, 24
+    for dtype in (torch.float32, torch.bfloat16):
+        for act, bias in (("tanh", True), ("gelu", False), ("relu", True), ("identity", True)):
+            gen = torch.Generator().manual_seed(5)
+            mk = lambda *s, sc=1.0: (torch.randn(s, generator=gen) * sc).to(dtype)  # noqa: E731
+            x, w1, w2 = mk(P, E), mk(H1, E, sc=E ** -0.5), mk(NL * 2 * Hkv * D, H1, sc=H1 ** -0.5)
+            b1 = mk(H1) if bias else None
+            b2 = mk(NL * 2 * Hkv * D) if bias else None
+            dout = mk(NL, 2, Hkv, P, D)
+            code = {"identity": 0, "tanh": 1, "relu": 2, "gelu": 3}[act]
+            out, pre = emu.mlp_fwd(x, w1, b1, w2, b2, NL, Hkv, D, code)
+            grads = emu.mlp_bwd(dout, x, w1, b1, w2, pre, b2 is not None, NL, Hkv, D, code)
+
+            def ref(dt):
+                leaves = [t.detach().to(dt).requires_grad_(True) if t is not None else None for t in (x, w1, b1, w2, b2)]
+                o = prefix_mlp_reference(*leaves, num_layers=NL, num_kv_heads=Hkv, head_dim=D, activation=act)
+                live = [t for t in leaves if t is not None]
+                g = iter(torch.autograd.grad(o, live, dout.to(dt)))
+                return o.detach(), [next(g) if t is not None else None for t in leaves]
+
+            o64, g64 = ref(torch.float64)
+            olp, glp = ref(dtype)
+            assert out.is_contiguous() and out.shape == (NL, 2, Hkv, P, D)
+            assert_close(f"mlp out {act} {dtype}", out, olp, o64)
+            for name, g, gl, gr in zip(["dx", "dw1", "db1", "dw2", "db2"], grads, glp, g64):
+                if gr is None:
+                    assert g.numel() == 0, name
+                else:
+                    assert_close(f"mlp {name} {act} {dtype}", g, gl, gr)
+
+
+def test_emulated_binding_rejects_bad_input(emu):
+    inp = make_inputs(CASES[0], torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match="head dim"):
+        big = torch.randn(1, 1, 4, 300)
+        emu.attn_fwd(big, big, big, None, None, None, None, False, 0.1)
+    with pytest.raises(RuntimeError, match="prefix_index"):
+        emu.attn_fwd(inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"].int(), None, False, 0.1)

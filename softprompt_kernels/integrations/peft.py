@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from . import _compat
-from .transformers import PREFIX_KWARG, PrefixState, find_prefix_state, make_cache, register
+from .transformers import LAYER_ATTR, PREFIX_KWARG, PrefixState, find_prefix_state, make_cache, register
 
 # model_type -> regex on module names selecting the attention modules that receive layer i's prefix
 # (the modules PEFT's cache reaches: every self-attention; BART: decoder self-attention only).
@@ -53,11 +53,11 @@ def _peft_classes():
 class _Runtime:
     """What ``apply`` installed on one PeftModel (and what ``remove`` undoes)."""
 
-    def __init__(self, model, backend: str, layers: Dict[int, int], num_layers: int,
+    def __init__(self, model, backend: str, modules: list, num_layers: int,
                  encoder_decoder: bool, attn_name: str, orig_attn: Optional[str]):
         self.model = model
         self.backend = backend
-        self.layers = layers
+        self.modules = modules  # attention modules carrying LAYER_ATTR
         self.num_layers = num_layers
         self.encoder_decoder = encoder_decoder
         self.attn_name = attn_name
@@ -94,7 +94,7 @@ class _Runtime:
         model = self.model
         if adapter_names is None:
             kv = self.adapter_kv(model.active_adapter).unsqueeze(2)
-            return PrefixState(kv, None, self.layers, self.backend)
+            return PrefixState(kv, None, self.backend)
         names = list(adapter_names)
         order: List[str] = []
         for n in names:
@@ -112,7 +112,7 @@ class _Runtime:
         kv = torch.stack(kvs, dim=2)
         device = kv.device
         index = torch.tensor([order.index(n) for n in names], dtype=torch.int64, device=device)
-        return PrefixState(kv, index, self.layers, self.backend)
+        return PrefixState(kv, index, self.backend)
 
 
 def _check_prefix_config(cfg, name: str) -> None:
@@ -121,16 +121,16 @@ def _check_prefix_config(cfg, name: str) -> None:
                          "supports PeftModel adapters with PrefixTuningConfig only")
 
 
-def _find_layers(base_model, model_type: str, num_layers: int, encoder_decoder: bool) -> Dict[int, int]:
-    """``{id(attention module): prefix layer}`` for the modules PEFT's cache reaches."""
+def _find_layers(base_model, model_type: str, num_layers: int, encoder_decoder: bool) -> Dict[object, int]:
+    """``{attention module: prefix layer}`` for the modules PEFT's cache reaches."""
     pattern = re.compile(_LAYER_PATTERNS[model_type])
-    layers: Dict[int, int] = {}
+    layers: Dict[object, int] = {}
     seen = set()
     for name, module in base_model.named_modules():
         m = pattern.search(name)
         if m:
             idx = int(m.group(1))
-            layers[id(module)] = _compat.seq2seq_prefix_layer(idx, num_layers) if encoder_decoder else idx
+            layers[module] = _compat.seq2seq_prefix_layer(idx, num_layers) if encoder_decoder else idx
             seen.add(idx)
     if seen != set(range(num_layers)):
         raise ValueError(f"found attention layers {sorted(seen)} in the {model_type!r} model but the prefix has "
@@ -164,8 +164,10 @@ def apply(model, *, backend: str = "auto"):
                          f"match the {model_type!r} model")
     layers = _find_layers(base, model_type, cfg.num_layers, encoder_decoder)
     name = register(backend)
-    rt = _Runtime(model, backend, layers, cfg.num_layers, encoder_decoder, name,
+    rt = _Runtime(model, backend, list(layers), cfg.num_layers, encoder_decoder, name,
                   _compat.get_attn_implementation(config))
+    for module, idx in layers.items():
+        setattr(module, LAYER_ATTR, idx)
     _install(model, rt)
     _compat.set_attn_implementation(config, name)
     return model
@@ -179,53 +181,64 @@ def remove(model):
     for attr in _PATCHED:
         model.__dict__.pop(attr, None)
     _compat.set_attn_implementation(model.get_base_model().config, rt.orig_attn)
+    for module in model.get_base_model().modules():
+        if LAYER_ATTR in module.__dict__:
+            delattr(module, LAYER_ATTR)
     model.__dict__.pop(_ATTR, None)
     return model
 
 
+def _runtime(model) -> _Runtime:
+    return model.__dict__[_ATTR]
+
+
+def _forward(self, *args, adapter_names=None, **kwargs):
+    rt = _runtime(self)
+    state = rt.build_state(adapter_names)  # the one prefix evaluation of this step
+    prev, rt.pending = rt.pending, state
+    try:
+        kwargs[PREFIX_KWARG] = state
+        return type(self).forward(self, *args, **kwargs)
+    finally:
+        rt.pending = prev
+
+
+def _get_prompt(self, batch_size, task_ids=None, max_cache_len=None):
+    rt = _runtime(self)
+    state = rt.pending if rt.pending is not None else rt.build_state(None)
+    return make_cache(state.expand_rows(batch_size), rt.num_layers, rt.encoder_decoder)
+
+
+def _prepare_inputs_for_generation(self, *args, **kwargs):
+    model_kwargs = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
+    state = find_prefix_state(model_kwargs.get("past_key_values"))
+    if state is not None:
+        model_kwargs[PREFIX_KWARG] = state
+    return model_kwargs
+
+
+def _generate(self, *args, adapter_names=None, **kwargs):
+    rt = _runtime(self)
+    prev, rt.pending = rt.pending, (rt.build_state(adapter_names) if adapter_names is not None else None)
+    try:
+        return type(self).generate(self, *args, **kwargs)
+    finally:
+        rt.pending = prev
+
+
 def _install(model, rt: _Runtime) -> None:
+    """Instance-level overrides; each keeps the signature of the method it wraps (Trainer reads it)."""
     cls = type(model)
-    orig_forward = cls.forward
-    orig_generate = cls.generate if hasattr(cls, "generate") else None
-    orig_prepare = getattr(cls, "prepare_inputs_for_generation", None)
+    model.__dict__[_ATTR] = rt
+    for name, impl in (("forward", _forward), ("get_prompt", _get_prompt),
+                       ("prepare_inputs_for_generation", _prepare_inputs_for_generation), ("generate", _generate)):
+        if not hasattr(cls, name):
+            continue
 
-    @functools.wraps(orig_forward)
-    def forward(self, *args, adapter_names=None, **kwargs):
-        state = rt.build_state(adapter_names)
-        prev, rt.pending = rt.pending, state
-        try:
-            kwargs[PREFIX_KWARG] = state
-            return orig_forward(self, *args, **kwargs)
-        finally:
-            rt.pending = prev
+        def make(impl=impl, orig=getattr(cls, name)):
+            @functools.wraps(orig)
+            def wrapper(self, *args, **kwargs):
+                return impl(self, *args, **kwargs)
+            return wrapper
 
-    def get_prompt(self, batch_size, task_ids=None, max_cache_len=None):
-        state = rt.pending if rt.pending is not None else rt.build_state(None)
-        return make_cache(state.expand_rows(batch_size), rt.num_layers, rt.encoder_decoder)
-
-    object.__setattr__(model, _ATTR, rt)
-    model.__dict__["forward"] = MethodType(forward, model)
-    model.__dict__["get_prompt"] = MethodType(get_prompt, model)
-
-    if orig_prepare is not None:
-        @functools.wraps(orig_prepare)
-        def prepare_inputs_for_generation(self, *args, **kwargs):
-            model_kwargs = orig_prepare(self, *args, **kwargs)
-            state = find_prefix_state(model_kwargs.get("past_key_values"))
-            if state is not None:
-                model_kwargs[PREFIX_KWARG] = state
-            return model_kwargs
-
-        model.__dict__["prepare_inputs_for_generation"] = MethodType(prepare_inputs_for_generation, model)
-
-    if orig_generate is not None:
-        @functools.wraps(orig_generate)
-        def generate(self, *args, adapter_names=None, **kwargs):
-            state = rt.build_state(adapter_names) if adapter_names is not None else None
-            prev, rt.pending = rt.pending, state
-            try:
-                return orig_generate(self, *args, **kwargs)
-            finally:
-                rt.pending = prev
-
-        model.__dict__["generate"] = MethodType(generate, model)
+        model.__dict__[name] = MethodType(make(), model)

@@ -1,8 +1,8 @@
 """Hugging Face transformers side of the integration.
 
 * ``PrefixState``: the per-step prefix ``[num_layers, 2, T, Hkv, P, D]`` (T = 1 for the
-  shared prefix) plus the optional row->task index ``[B]`` and the map
-  attention module -> prefix layer.  It travels to the attention function as the
+  shared prefix) plus the optional row->task index ``[B]``; attention modules carry
+  their prefix layer in the attribute ``_softprompt_prefix_layer``.  It travels to the attention function as the
   forward kwarg ``softprompt_prefix`` (kwargs survive gradient checkpointing).
 * ``PrefixCache``: a ``DynamicCache`` whose layers hold only the model's own tokens but
   report ``P`` extra tokens, so that positions, ``cache_position`` and mask sizes are
@@ -15,7 +15,7 @@
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ from ..ops.prefix_attention import prefix_attention
 from . import _compat
 
 PREFIX_KWARG = "softprompt_prefix"
+LAYER_ATTR = "_softprompt_prefix_layer"  # set on the attention modules that receive a prefix
 _BACKENDS = ("auto", "triton", "cuda", "torch")
 
 
@@ -35,17 +36,17 @@ class PrefixState:
     """Prefix of one forward / one ``generate`` call.
 
     kv: ``[num_layers, 2, T, Hkv, P, D]`` (any strides); index: None (shared prefix,
-    T == 1) or int64 ``[B]`` in ``[0, T)``; layers: ``{id(attention module): layer}``.
+    T == 1) or int64 ``[B]`` in ``[0, T)``.  An attention module receives prefix layer
+    ``module._softprompt_prefix_layer`` (modules without it get no prefix).
     """
 
-    def __init__(self, kv: Tensor, index: Optional[Tensor], layers: Dict[int, int], backend: str):
+    def __init__(self, kv: Tensor, index: Optional[Tensor], backend: str):
         if kv.dim() != 6 or kv.shape[1] != 2:
             raise ValueError(f"kv must be [num_layers, 2, T, Hkv, P, D], got {tuple(kv.shape)}")
         if index is None and kv.shape[2] != 1:
             raise ValueError("a prefix with T > 1 tasks needs an index [B]")
         self.kv = kv
         self.index = index
-        self.layers = layers
         self.backend = backend
 
     @property
@@ -54,7 +55,7 @@ class PrefixState:
 
     def for_module(self, module):
         """(prefix_k, prefix_v, prefix_index) for ``module``, or (None, None, None)."""
-        layer = self.layers.get(id(module))
+        layer = getattr(module, LAYER_ATTR, None)
         if layer is None:
             return None, None, None
         if self.index is None:  # shared form [Hkv, P, D]
@@ -68,7 +69,7 @@ class PrefixState:
         if batch_size % self.index.shape[0]:
             raise ValueError(f"batch of {batch_size} rows is not a multiple of the {self.index.shape[0]} task rows")
         idx = self.index.repeat_interleave(batch_size // self.index.shape[0])
-        return PrefixState(self.kv, idx, self.layers, self.backend)
+        return PrefixState(self.kv, idx, self.backend)
 
 
 class PrefixLayer(_compat.DynamicLayer):

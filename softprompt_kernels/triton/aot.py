@@ -11,6 +11,7 @@ CLI (must run with ``TRITON_INTERPRET`` unset; the CLI re-executes itself withou
 
     python -m softprompt_kernels.triton.aot [--arch 80 90] [--json out.json] [--jobs N]
         [--module pkg.mod[:func] ...] [--allow-missing] [--cache-dir DIR] [--no-align-hints]
+        [--subset all|representative] [--filter REGEX] [--progress] [--quiet]
 
 Exit status: 0 when every spec compiled, 1 when any compile failed / a module is missing,
 2 on bad usage.  Spills and missing ``wgmma`` are *reported*, not turned into an exit
@@ -325,6 +326,18 @@ def load_specs(entry: str) -> list:
     return _SPEC_CACHE[entry]
 
 
+def representative(specs: list) -> list[int]:
+    """Indices of a small subset that still compiles every kernel function in every mode.
+
+    Per (kernel function, expect_wgmma) group: its first and last spec (the launchers list
+    configurations from small to large tiles / head dims, so that is the cheapest and the
+    most register-hungry one)."""
+    groups: dict = {}
+    for i, s in enumerate(specs):
+        groups.setdefault((getattr(s.fn, "__name__", repr(s.fn)), s.expect_wgmma), []).append(i)
+    return sorted({i for idx in groups.values() for i in (idx[0], idx[-1])})
+
+
 def _worker_init(cache_dir: Optional[str]) -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     if cache_dir:
@@ -338,12 +351,16 @@ def _worker(entry: str, index: int, arch: int, align_hints: bool) -> dict:
 
 def run(modules: Iterable[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS, *, jobs: Optional[int] = None,
         cache_dir: Optional[str] = None, allow_missing: bool = False, align_hints: bool = True,
-        progress=None) -> list[AotResult]:
+        subset: str = "all", name_filter: Optional[str] = None, progress=None) -> list[AotResult]:
     """Compile every spec of every module for every arch, in a spawn process pool.
 
-    A missing module (ImportError) becomes one error result, or a warning with
-    ``allow_missing=True``.  Results come back sorted by (module, spec order, arch).
+    subset: ``"all"`` or ``"representative"`` (see ``representative()``); name_filter: a regex
+    that spec names must match (``re.search``).  A missing module (ImportError) becomes one
+    error result, or a warning with ``allow_missing=True``.  Results come back sorted by
+    (module, spec order, arch).
     """
+    if subset not in ("all", "representative"):
+        raise ValueError(f"subset must be 'all' or 'representative', got {subset!r}")
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise RuntimeError("aot.run() needs TRITON_INTERPRET unset in this process (workers inherit it); "
                            "use run_subprocess() from an interpreted process")
@@ -367,7 +384,10 @@ def run(modules: Iterable[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS, *
             continue
         if not specs:
             results.append(AotResult(module=entry, name="<module>", arch=0, error="aot_specs() returned no specs"))
-        for i, s in enumerate(specs):
+        chosen = representative(specs) if subset == "representative" else range(len(specs))
+        for i in chosen:
+            if name_filter and not re.search(name_filter, specs[i].name):
+                continue
             for a in archs:
                 tasks.append((entry, i, a))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
@@ -416,6 +436,7 @@ def format_table(results: Iterable) -> str:
 
 def run_subprocess(modules: Optional[Iterable[str]] = None, archs: Iterable[int] = ARCHS, *,
                    jobs: Optional[int] = None, cache_dir: Optional[str] = None, allow_missing: bool = False,
+                   subset: str = "all", name_filter: Optional[str] = None,
                    pythonpath: Iterable[str] = (), python: Optional[str] = None,
                    timeout: Optional[float] = None) -> tuple[list[dict], subprocess.CompletedProcess]:
     """Run the CLI in a fresh interpreter without ``TRITON_INTERPRET``; returns (result dicts, process).
@@ -437,6 +458,10 @@ def run_subprocess(modules: Optional[Iterable[str]] = None, archs: Iterable[int]
             cmd += ["--cache-dir", cache_dir]
         if allow_missing:
             cmd += ["--allow-missing"]
+        if subset != "all":
+            cmd += ["--subset", subset]
+        if name_filter:
+            cmd += ["--filter", name_filter]
         for m in modules or ():
             cmd += ["--module", m]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -445,6 +470,11 @@ def run_subprocess(modules: Optional[Iterable[str]] = None, archs: Iterable[int]
         with open(out) as f:
             data = json.load(f)
     return data["results"], proc
+
+
+def _print_progress(r: AotResult, n: int, total: int) -> None:
+    state = "ERROR" if r.error else ("SPILLS" if r.spills else "ok")
+    print(f"[{n}/{total}] sm_{r.arch} {r.name}: {state} ({r.compile_s:.1f} s)", file=sys.stderr, flush=True)
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -457,6 +487,10 @@ def main(argv: Optional[list] = None) -> int:
     p.add_argument("--allow-missing", action="store_true", help="warn instead of failing on a missing module")
     p.add_argument("--cache-dir", help="TRITON_CACHE_DIR for the workers (default: Triton's cache)")
     p.add_argument("--no-align-hints", action="store_true", help="don't mark pointer args 16-byte aligned")
+    p.add_argument("--subset", choices=("all", "representative"), default="all",
+                   help="'representative': first and last spec per kernel function (quick check)")
+    p.add_argument("--filter", help="only specs whose name matches this regex")
+    p.add_argument("--progress", action="store_true", help="one line per finished compile on stderr")
     p.add_argument("--quiet", action="store_true", help="no table on stdout")
     args = p.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -470,7 +504,8 @@ def main(argv: Optional[list] = None) -> int:
 
     t0 = time.perf_counter()
     results = run(args.module or KERNEL_MODULES, args.arch, jobs=args.jobs, cache_dir=args.cache_dir,
-                  allow_missing=args.allow_missing, align_hints=not args.no_align_hints)
+                  allow_missing=args.allow_missing, align_hints=not args.no_align_hints,
+                  subset=args.subset, name_filter=args.filter, progress=_print_progress if args.progress else None)
     wall = round(time.perf_counter() - t0, 2)
     if not args.quiet:
         print(format_table(results))

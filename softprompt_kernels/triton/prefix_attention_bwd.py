@@ -13,8 +13,9 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .prefix_attention_fwd import (_TL_DTYPES, BLOCK_DS, CONFIG_OVERRIDE, _dot, _dropout_keep, _dummies,
-                                   UNIT_STRIDES, block_d_for, family, make_signature, unit_strides, vec_for)
+from .prefix_attention_fwd import (_TL_DTYPES, BLOCK_DS, CONFIG_OVERRIDE, _dot, _dropout_keep, _dummies, _exp, _log_domain,
+                                   UNIT_STRIDES, align_inputs, block_d_for, family, make_signature, unit_strides,
+                                   vec_for, vstrides)
 
 
 @triton.jit
@@ -135,7 +136,7 @@ def _attn_bwd_dkdv(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DK, DV, DPK, DPV,
     m_start = 0
     if causal_on != 0:
         m_start = tl.maximum(start_n - vis_off, 0) // BLOCK_M * BLOCK_M
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _log_domain(IEEE)
     inv_keep = 1.0
     if dropout_p > 0.0:
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -155,10 +156,10 @@ def _attn_bwd_dkdv(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DK, DV, DPK, DPV,
             q = tl.load(q_base + rows64[:, None] * s_qm + offs_d[None, :] * s_qd, mask=q_msk, other=0.0)
             do = tl.load(do_base + rows64[:, None] * s_dom + offs_d[None, :] * s_dod, mask=q_msk, other=0.0)
             lse = tl.load(Lse + bh64 * L + rows, mask=row_ok, other=float("inf"))
-            lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+            lse = tl.where(lse == float("-inf"), float("inf"), lse) * _log_domain(IEEE)
             delta = tl.load(Delta + bh64 * L + rows, mask=row_ok, other=0.0)
             qkT = _dot(k, tl.trans(q), IEEE)
-            pT = tl.exp2(qkT * qk_scale - lse[None, :])
+            pT = _exp(qkT * qk_scale - lse[None, :], IEEE)
             vis = col_vis[:, None] & row_ok[None, :] & (cols[:, None] <= rows[None, :] + vis_off)
             pT = tl.where(vis, pT, 0.0)
             dpT = _dot(v, tl.trans(do), IEEE)
@@ -206,7 +207,7 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
         km = tl.load(kpm_base + cols64 * s_ms, mask=col_ok & ((cols * 0 + mask_on) != 0), other=1)
         vis = (col_ok & (km != 0))[None, :] & (cols[None, :] <= offs_m[:, None] + vis_off)
         s = _dot(q, kt, IEEE)
-        p = tl.where(vis, tl.exp2(s * qk_scale - lse[:, None]), 0.0)
+        p = tl.where(vis, _exp(s * qk_scale - lse[:, None], IEEE), 0.0)
         dp = _dot(do, vt, IEEE)
         if dropout_p > 0.0:
             keep = _dropout_keep(seed, bh, offs_m[:, None], (col_base + cols)[None, :], dropout_p)
@@ -269,9 +270,9 @@ def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DQ,
     do = tl.load(DO + b64 * s_dob + h.to(tl.int64) * s_doh + rows64[:, None] * s_dom + offs_d[None, :] * s_dod,
                  mask=q_msk, other=0.0)
     lse = tl.load(Lse + bh64 * L + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+    lse = tl.where(lse == float("-inf"), float("inf"), lse) * _log_domain(IEEE)
     delta = tl.load(Delta + bh64 * L + offs_m, mask=row_ok, other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _log_domain(IEEE)
     inv_keep = 1.0
     if dropout_p > 0.0:
         inv_keep = 1.0 / (1.0 - dropout_p)
@@ -388,82 +389,92 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dev = q.device
-    dq = torch.empty((B, Hq, L, D), dtype=q.dtype, device=dev)
-    dk = torch.empty((B, Hkv, S, D), dtype=k.dtype, device=dev)
-    dv = torch.empty((B, Hkv, S, D), dtype=v.dtype, device=dev)
     P = 0 if prefix_k is None else prefix_k.shape[2]
     T = 0 if prefix_k is None else prefix_k.shape[0]
-    if L == 0 or B == 0 or Hq == 0:
-        dk.zero_()
-        dv.zero_()
+    if L == 0 or B == 0 or Hq == 0 or P == 0:
+        if L == 0 or B == 0 or Hq == 0:
+            dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
+            dk = torch.zeros((B, Hkv, S, D), dtype=k.dtype, device=dev)
+            dv = torch.zeros((B, Hkv, S, D), dtype=v.dtype, device=dev)
+        else:
+            dq, dk, dv, _, _ = attention_backward(
+                dout, q, k, v, None, None, None, key_padding_mask, out, lse, causal=causal, scale=scale,
+                dropout_p=dropout_p, seed=seed, deterministic=deterministic)
         if prefix_k is None:
             return dq, dk, dv, None, None
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    vec = vec_for(q.dtype)
+    (dout, q, k, v, prefix_k, prefix_v, out), Dp = align_inputs((dout, q, k, v, prefix_k, prefix_v, out), D, vec)
+    dq = torch.empty((B, Hq, L, Dp), dtype=q.dtype, device=dev)
+    dk = torch.empty((B, Hkv, S, Dp), dtype=k.dtype, device=dev)
+    dv = torch.empty((B, Hkv, S, Dp), dtype=v.dtype, device=dev)
     pidx_dummy, mask_dummy = _dummies(dev)
-    if P == 0:
+    if prefix_k is None:
         pk, pv, pidx = q, q, pidx_dummy
-        pks = pvs = (0, 0, 0, 0)
+        pks = pvs = (0, 0, 0)
     else:
         pk, pv, pidx = prefix_k, prefix_v, prefix_index
-        pks, pvs = prefix_k.stride(), prefix_v.stride()
+        pks, pvs = vstrides(prefix_k, vec), vstrides(prefix_v, vec)
     if key_padding_mask is None:
         kpm, ms = mask_dummy, (0, 0)
     else:
         kpm, ms = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
-    out = out if out.stride(-1) == 1 else out.contiguous()
     lse = lse.contiguous()
-    bd = block_d_for(D)
+    bd = block_d_for(Dp)
     ieee = q.dtype == torch.float32
     group = Hq // Hkv
     causal_i, mask_i = int(bool(causal)), int(key_padding_mask is not None)
     scale, dropout_p, seed = float(scale), float(dropout_p), int(seed)
+    Dv = Dp // vec
 
     delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
     bm, bdc, w, st = PRE_CONFIG
     _bwd_preprocess[(triton.cdiv(L, bm), B * Hq)](
-        out, dout, delta, out.stride(0), out.stride(1), out.stride(2), *dout.stride(), Hq, L, D,
-        BLOCK_M=bm, BLOCK_D=bdc, num_warps=w, num_stages=st)
+        out, dout, delta, *vstrides(out, vec), *vstrides(dout, vec), 1, Hq, L, Dv,
+        BLOCK_M=bm, BLOCK_D=bdc, VEC=vec, num_warps=w, num_stages=st)
 
     use_atomic = (not deterministic) and P > 0
     if P == 0:
         dpk_acc = dpv_acc = torch.empty(1, dtype=torch.float32, device=dev)
     elif use_atomic:
-        dpk_acc = torch.zeros((T, Hkv, P, D), dtype=torch.float32, device=dev)
-        dpv_acc = torch.zeros((T, Hkv, P, D), dtype=torch.float32, device=dev)
+        dpk_acc = torch.zeros((T, Hkv, P, Dp), dtype=torch.float32, device=dev)
+        dpv_acc = torch.zeros((T, Hkv, P, Dp), dtype=torch.float32, device=dev)
     else:
-        dpk_acc = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
-        dpv_acc = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=dev)
+        dpk_acc = torch.empty((B, Hkv, P, Dp), dtype=torch.float32, device=dev)
+        dpv_acc = torch.empty((B, Hkv, P, Dp), dtype=torch.float32, device=dev)
 
-    common = (*q.stride(), *k.stride(), *v.stride(), *pks, *pvs, *ms, *dout.stride())
+    common = (*vstrides(q, vec), 1, *vstrides(k, vec), 1, *vstrides(v, vec), 1, *pks, 1, *pvs, 1, *ms,
+              *vstrides(dout, vec), 1)
     bm, bn, w, st = _cfg("dkdv", DKDV_CONFIGS, q.dtype, bd)
     n_seq = triton.cdiv(S, bn)
     _attn_bwd_dkdv[(n_seq + triton.cdiv(P, bn), B * Hkv)](
         q, k, v, pk, pv, pidx, kpm, dout, lse, delta, dk, dv, dpk_acc, dpv_acc, *common,
-        Hq, Hkv, L, S, P, D, group, n_seq, causal_i, mask_i, int(use_atomic),
+        Hq, Hkv, L, S, P, Dv, group, n_seq, causal_i, mask_i, int(use_atomic),
         scale, dropout_p, seed,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, num_warps=w, num_stages=st)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, VEC=vec, num_warps=w, num_stages=st)
     bm, bn, w, st = _cfg("dq", DQ_CONFIGS, q.dtype, bd)
     _attn_bwd_dq[(triton.cdiv(L, bm), B * Hq)](
         q, k, v, pk, pv, pidx, kpm, dout, lse, delta, dq, *common,
-        Hq, L, S, P, D, group, causal_i, mask_i, scale, dropout_p, seed,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, num_warps=w, num_stages=st)
+        Hq, L, S, P, Dv, group, causal_i, mask_i, scale, dropout_p, seed,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, VEC=vec, num_warps=w, num_stages=st)
 
+    if Dp != D:
+        dq, dk, dv = (x[..., :D].contiguous() for x in (dq, dk, dv))
     if prefix_k is None:
         return dq, dk, dv, None, None
-    if P == 0:
-        return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     if use_atomic:
-        return dq, dk, dv, dpk_acc.to(prefix_k.dtype), dpv_acc.to(prefix_v.dtype)
-    # deterministic per-task reduction: rows of each task in ascending b order
-    idx = prefix_index.to(torch.int64)
-    sorted_idx, order = torch.sort(idx, stable=True)
-    starts = torch.searchsorted(sorted_idx, torch.arange(T + 1, dtype=torch.int64, device=dev))
-    blk, w, st = REDUCE_CONFIG
-    PD = P * D
-    res = []
-    for part, like in ((dpk_acc, prefix_k), (dpv_acc, prefix_v)):
-        o = torch.empty((T, Hkv, P, D), dtype=like.dtype, device=dev)
-        _prefix_reduce[(T * Hkv, triton.cdiv(PD, blk))](part, order, starts, o, Hkv, PD,
-                                                        BLOCK=blk, num_warps=w, num_stages=st)
-        res.append(o)
-    return dq, dk, dv, res[0], res[1]
+        dpk, dpv = dpk_acc.to(prefix_k.dtype), dpv_acc.to(prefix_v.dtype)
+    else:
+        # deterministic per-task reduction: rows of each task in ascending b order
+        sorted_idx, order = torch.sort(prefix_index.to(torch.int64), stable=True)
+        starts = torch.searchsorted(sorted_idx, torch.arange(T + 1, dtype=torch.int64, device=dev))
+        blk, w, st = REDUCE_CONFIG
+        PD = P * Dp
+        dpk = torch.empty((T, Hkv, P, Dp), dtype=prefix_k.dtype, device=dev)
+        dpv = torch.empty((T, Hkv, P, Dp), dtype=prefix_v.dtype, device=dev)
+        for part, o in ((dpk_acc, dpk), (dpv_acc, dpv)):
+            _prefix_reduce[(T * Hkv, triton.cdiv(PD, blk))](part, order, starts, o, Hkv, PD,
+                                                            BLOCK=blk, num_warps=w, num_stages=st)
+    if Dp != D:
+        dpk, dpv = dpk[..., :D].contiguous(), dpv[..., :D].contiguous()
+    return dq, dk, dv, dpk, dpv

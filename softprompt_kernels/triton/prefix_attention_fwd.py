@@ -43,6 +43,29 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _exp(x, IEEE: tl.constexpr):
+    """Softmax exponential: natural exp for fp32 (IEEE) kernels, exp2 of log2-scaled scores otherwise.
+
+    fp32 keeps scores, lse and exponent in the natural-log domain so that no extra rounding of
+    lse * log2(e) enters the recomputed probabilities (it would cost several fp32 ulps)."""
+    if IEEE:
+        r = tl.exp(x)
+    else:
+        r = tl.exp2(x)
+    return r
+
+
+@triton.jit
+def _log_domain(IEEE: tl.constexpr):
+    """Factor from natural-log units to the kernels' exponent domain (1 or log2(e))."""
+    if IEEE:
+        r: tl.constexpr = 1.0
+    else:
+        r: tl.constexpr = 1.4426950408889634
+    return r
+
+
+@triton.jit
 def _dropout_keep(seed, bh, rows, cols, dropout_p):
     """Keep decision for query rows x combined columns (broadcastable int32 blocks).
 
@@ -80,8 +103,8 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
         s = tl.where(vis, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
+        p = _exp(s - m_safe[:, None], IEEE)
+        alpha = _exp(m_i - m_safe, IEEE)
         l_i = l_i * alpha + tl.sum(p, 1)
         if dropout_p > 0.0:
             keep = _dropout_keep(seed, bh, offs_m[:, None], (col_base + cols)[None, :], dropout_p)
@@ -142,7 +165,7 @@ def _attn_fwd(Q, K, V, PK, PV, PIDX, KPM, Out, Lse,
 
     q = tl.load(Q + b64 * s_qb + h.to(tl.int64) * s_qh + rows64[:, None] * s_qm + offs_d[None, :] * s_qd,
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * _log_domain(IEEE)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -175,7 +198,11 @@ def _attn_fwd(Q, K, V, PK, PV, PIDX, KPM, Out, Lse,
     l_safe = tl.where(has_any, l_i, 1.0)
     out = acc * (inv_keep / l_safe)[:, None]
     out = tl.where(has_any[:, None], out, 0.0)
-    lse = tl.where(has_any, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    if IEEE:
+        lse = m_i + tl.log(l_safe)
+    else:
+        lse = (m_i + tl.log2(l_safe)) * 0.6931471805599453
+    lse = tl.where(has_any, lse, float("-inf"))
     tl.store(Out + b64 * s_ob + h.to(tl.int64) * s_oh + rows64[:, None] * s_om + offs_d[None, :],
              out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
     tl.store(Lse + bh.to(tl.int64) * L + offs_m, lse, mask=row_ok)
@@ -285,38 +312,78 @@ def _dummies(device):
     return (torch.zeros(1, dtype=torch.int64, device=device), torch.ones(1, dtype=torch.uint8, device=device))
 
 
+def _aligned(t, vec: int) -> bool:
+    """Unit head-dim stride, 16-byte aligned base, every other stride a multiple of vec."""
+    if t.stride(-1) != 1 and t.shape[-1] > 1:
+        return False
+    if t.data_ptr() % 16:
+        return False
+    return all(st % vec == 0 or n == 1 for st, n in zip(t.stride()[:-1], t.shape[:-1]))
+
+
+def align_inputs(tensors, D: int, vec: int):
+    """Make every tensor meet the kernels' 16-byte alignment contract (see _attn_fwd).
+
+    Returns (tensors, Dp).  The common case (unit head-dim stride, D and strides multiples of
+    16 bytes: any contiguous or [B, L, H, D]-transposed input with D % 8 == 0) passes through
+    with no copy.  Otherwise the head dim is zero-padded to Dp (a multiple of vec) in a copy;
+    zero columns change no score and the extra output columns are dropped by the caller.
+    """
+    Dp = -(-D // vec) * vec
+    out = []
+    for t in tensors:
+        if t is None or (Dp == D and _aligned(t, vec)):
+            out.append(t)
+            continue
+        c = torch.zeros((*t.shape[:-1], Dp), dtype=t.dtype, device=t.device)
+        c[..., :D] = t
+        out.append(c)
+    return out, Dp
+
+
+def vstrides(t, vec: int, n: int = 3):
+    """First n strides of t in units of vec (size-1 dims get 0)."""
+    return tuple(0 if t.shape[i] == 1 else t.stride(i) // vec for i in range(n))
+
+
 def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
                       causal: bool, scale: float, dropout_p: float, seed: int):
     """Returns (out [B, Hq, L, D] q.dtype contiguous, lse [B, Hq, L] float32)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    out = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if B == 0 or Hq == 0 or L == 0:
-        return out, lse
-    pidx_dummy, mask_dummy = _dummies(q.device)
+        return torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device), lse
+    vec = vec_for(q.dtype)
     P = 0 if prefix_k is None else prefix_k.shape[2]
     if P == 0:
+        prefix_k = prefix_v = None
+    (q, k, v, prefix_k, prefix_v), Dp = align_inputs((q, k, v, prefix_k, prefix_v), D, vec)
+    out = torch.empty((B, Hq, L, Dp), dtype=q.dtype, device=q.device)
+    pidx_dummy, mask_dummy = _dummies(q.device)
+    if P == 0:
         pk, pv, pidx = q, q, pidx_dummy
-        pks = pvs = (0, 0, 0, 0)
+        pks = pvs = (0, 0, 0)
     else:
         pk, pv, pidx = prefix_k, prefix_v, prefix_index
-        pks, pvs = prefix_k.stride(), prefix_v.stride()
+        pks, pvs = vstrides(prefix_k, vec), vstrides(prefix_v, vec)
     if key_padding_mask is None:
         kpm, ms = mask_dummy, (0, 0)
     else:
         kpm, ms = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
-    bd = block_d_for(D)
+    bd = block_d_for(Dp)
     bm, bn, w, st = fwd_config(q.dtype, bd)
     grid = (triton.cdiv(L, bm), B * Hq)
     _attn_fwd[grid](
         q, k, v, pk, pv, pidx, kpm, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *pks, *pvs, *ms,
-        out.stride(0), out.stride(1), out.stride(2),
-        Hq, L, S, P, D, Hq // Hkv, int(bool(causal)), int(key_padding_mask is not None),
+        *vstrides(q, vec), 1, *vstrides(k, vec), 1, *vstrides(v, vec), 1, *pks, 1, *pvs, 1, *ms,
+        *vstrides(out, vec),
+        Hq, L, S, P, Dp // vec, Hq // Hkv, int(bool(causal)), int(key_padding_mask is not None),
         float(scale), float(dropout_p), int(seed),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=q.dtype == torch.float32,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=q.dtype == torch.float32, VEC=vec,
         num_warps=w, num_stages=st)
+    if Dp != D:
+        out = out[..., :D].contiguous()
     return out, lse
 
 

@@ -90,14 +90,15 @@ def _mlp_mm_kernel(
     EPI 0: C = acc (+bias).  EPI 1: PRE = acc + bias (if ACT != identity), C = act(PRE rounded).
     EPI 2: C = acc * act'(PRE); AOUT = act(PRE) (if ACT != identity).  PRE/AOUT: row-major [M, N].
     """
-    if ALIGNED:  # the launcher checked: every stride / size below is a multiple of 8 elements
-        stride_am = tl.multiple_of(stride_am, 8)
-        stride_ag = tl.multiple_of(stride_ag, 8)
-        stride_b = tl.multiple_of(stride_b, 8)
-        stride_cm = tl.multiple_of(stride_cm, 8)
-        stride_cg = tl.multiple_of(stride_cg, 8)
-        C_D = tl.multiple_of(C_D, 8)
-        A_D = tl.multiple_of(A_D, 8)
+    if ALIGNED:  # launcher-checked: these are multiples of 8; (x // 8) * 8 tells the compiler so
+        K = (K // 8) * 8
+        C_D = (C_D // 8) * 8
+        A_D = (A_D // 8) * 8
+        stride_am = (stride_am // 8) * 8
+        stride_ag = (stride_ag // 8) * 8
+        stride_b = (stride_b // 8) * 8
+        stride_cm = (stride_cm // 8) * 8
+        stride_cg = (stride_cg // 8) * 8
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     n_chunks = tl.cdiv(C_D, BLOCK_N)
@@ -188,12 +189,12 @@ def _mlp_wgrad_kernel(
     plain [K, M] matrix is one group with G_D = M).  Each program owns one d-chunk of one
     group (grid axis 0 = groups * cdiv(G_D, BLOCK_M)).  X[k, n] at ``k*sxk + n``.
     """
-    if ALIGNED:  # the launcher checked: every stride / size below is a multiple of 8 elements
-        N = tl.multiple_of(N, 8)
-        G_D = tl.multiple_of(G_D, 8)
-        stride_gk = tl.multiple_of(stride_gk, 8)
-        stride_gg = tl.multiple_of(stride_gg, 8)
-        stride_xk = tl.multiple_of(stride_xk, 8)
+    if ALIGNED:  # launcher-checked: these are multiples of 8; (x // 8) * 8 tells the compiler so
+        N = (N // 8) * 8
+        G_D = (G_D // 8) * 8
+        stride_gk = (stride_gk // 8) * 8
+        stride_gg = (stride_gg // 8) * 8
+        stride_xk = (stride_xk // 8) * 8
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     m_chunks = tl.cdiv(G_D, BLOCK_M)
@@ -236,21 +237,23 @@ def _mlp_wgrad_kernel(
 
 # ----------------------------------------------------------------------------- configs
 
-# role -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  16-bit: 64-row tiles with 4
-# warps (one warpgroup -> wgmma on sm_90).  "out" tiles one head's D columns (64 divides the
-# usual head dims); "dh" walks D-chunks of 32 along K.  fp32: FMA dots ("ieee"), one config.
+# role -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  16-bit, aligned: 64-row tiles
+# with 4 warps (one warpgroup -> wgmma on sm_90).  "out" tiles one head's D columns (64
+# divides the usual head dims); "dh" walks D-chunks of 32 along K and keeps a narrow tile for
+# its heavier epilogue.  fp32 (FMA dots, "ieee") and unaligned sizes (scalar loads, no
+# cp.async pipelining possible): one smaller config.
 _CFG_16 = {
     "hidden": (64, 128, 64, 4, 3),
     "out": (64, 64, 64, 4, 3),
-    "dh": (64, 128, 32, 4, 3),
+    "dh": (64, 64, 32, 4, 3),
     "dx": (64, 128, 64, 4, 3),
     "wgrad": (64, 128, 64, 4, 3),
 }
-_CFG_32 = (64, 64, 32, 4, 2)
+_CFG_SMALL = (64, 64, 32, 4, 2)
 
 
-def _config(role: str, dtype: torch.dtype):
-    return _CFG_32 if dtype == torch.float32 else _CFG_16[role]
+def _config(role: str, dtype: torch.dtype, aligned: bool):
+    return _CFG_16[role] if aligned and dtype != torch.float32 else _CFG_SMALL
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -264,26 +267,31 @@ def _rowmajor(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 def _mm(role, a, b, c, bias, pre, aout, M, K, c_groups, c_d, a_d, stride_am, stride_ag, stride_b, stride_cm,
-        stride_cg, *, act, epi, a_split_k, b_kmajor):
-    bm, bn, bk, warps, stages = _config(role, c.dtype)
+        stride_cg, *, act, epi, a_split_k, b_kmajor, aligned):
+    bm, bn, bk, warps, stages = _config(role, c.dtype, aligned)
     grid = (triton.cdiv(M, bm), c_groups * triton.cdiv(c_d, bn))
     _mlp_mm_kernel[grid](
         a, b, c, bias if bias is not None else c, pre if pre is not None else c, aout if aout is not None else c,
         M, K, c_groups, c_d, a_d, stride_am, stride_ag, stride_b, stride_cm, stride_cg,
         ACT=act, EPI=epi, HAS_BIAS=bias is not None, A_SPLIT_K=a_split_k, B_KMAJOR=b_kmajor,
-        IEEE=c.dtype == torch.float32, UPCAST=_upcast(c.dtype), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        IEEE=c.dtype == torch.float32, UPCAST=_upcast(c.dtype), ALIGNED=aligned, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
         num_warps=warps, num_stages=stages,
     )
 
 
-def _wgrad(g, groups, g_d, stride_gk, stride_gg, x, dw, db, N, K):
-    bm, bn, bk, warps, stages = _config("wgrad", dw.dtype)
+def _wgrad(g, groups, g_d, stride_gk, stride_gg, x, dw, db, N, K, aligned):
+    bm, bn, bk, warps, stages = _config("wgrad", dw.dtype, aligned)
     grid = (groups * triton.cdiv(g_d, bm), triton.cdiv(N, bn))
     _mlp_wgrad_kernel[grid](
         g, x, dw, db if db is not None else dw, N, K, g_d, stride_gk, stride_gg, x.stride(0),
-        HAS_BIAS=db is not None, IEEE=dw.dtype == torch.float32, UPCAST=_upcast(dw.dtype),
+        HAS_BIAS=db is not None, IEEE=dw.dtype == torch.float32, UPCAST=_upcast(dw.dtype), ALIGNED=aligned,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
+
+
+def _aligned(*ints) -> bool:
+    """Every size / stride a multiple of 8 elements: the kernels may assume 16-byte vectors."""
+    return all(int(v) % 8 == 0 for v in ints)
 
 
 def _check_int32(*tensors):
@@ -306,14 +314,15 @@ def mlp_forward(
     D = head_dim
     G = num_layers * 2 * num_kv_heads
     act = ACT_IDS[activation]
+    al = _aligned(E, H1, D, x.stride(0), w1.stride(0), w2.stride(0))
     hidden = torch.empty((P, H1), dtype=x.dtype, device=x.device)
     pre = hidden if act == 0 else torch.empty_like(hidden)
     _mm("hidden", x, w1, hidden, b1, pre, None, P, E, 1, H1, 1, x.stride(0), 0, w1.stride(0), H1, 0,
-        act=act, epi=1, a_split_k=False, b_kmajor=True)
+        act=act, epi=1, a_split_k=False, b_kmajor=True, aligned=al)
     out = torch.empty((G, P, D), dtype=x.dtype, device=x.device)
     _check_int32(out)
     _mm("out", hidden, w2, out, b2, None, None, P, H1, G, D, 1, H1, 0, w2.stride(0), D, P * D,
-        act=0, epi=0, a_split_k=False, b_kmajor=True)
+        act=0, epi=0, a_split_k=False, b_kmajor=True, aligned=al)
     return out.view(num_layers, 2, num_kv_heads, P, D), pre
 
 
@@ -342,20 +351,21 @@ def mlp_backward(
     g = _grad_out_gpd(grad_out, G, P, D)
     _check_int32(x, w1, w2, g)
     sg, sp = g.stride(0), g.stride(1)
+    al = _aligned(E, H1, D, sg, sp, x.stride(0), w1.stride(0), w2.stride(0))
     # dpre = (dOut_flat @ w2) * act'(pre); the epilogue also rewrites hidden = act(pre) for dW2
     dpre = torch.empty((P, H1), dtype=x.dtype, device=x.device)
     hidden = pre if act == 0 else torch.empty_like(dpre)
     _mm("dh", g, w2, dpre, None, pre, hidden, P, N, 1, H1, D, sp, sg, w2.stride(0), H1, 0,
-        act=act, epi=2, a_split_k=True, b_kmajor=False)
+        act=act, epi=2, a_split_k=True, b_kmajor=False, aligned=al)
     dw2 = torch.empty((N, H1), dtype=w2.dtype, device=w2.device)
     db2 = torch.empty((N,), dtype=w2.dtype, device=w2.device) if has_b2 else None
-    _wgrad(g, G, D, sp, sg, hidden, dw2, db2, H1, P)
+    _wgrad(g, G, D, sp, sg, hidden, dw2, db2, H1, P, al)
     dw1 = torch.empty((H1, E), dtype=w1.dtype, device=w1.device)
     db1 = torch.empty((H1,), dtype=w1.dtype, device=w1.device) if b1 is not None else None
-    _wgrad(dpre, 1, H1, H1, 0, x, dw1, db1, E, P)
+    _wgrad(dpre, 1, H1, H1, 0, x, dw1, db1, E, P, al)
     dx = torch.empty((P, E), dtype=x.dtype, device=x.device)
     _mm("dx", dpre, w1, dx, None, None, None, P, H1, 1, E, 1, H1, 0, w1.stride(0), E, 0,
-        act=0, epi=0, a_split_k=False, b_kmajor=False)
+        act=0, epi=0, a_split_k=False, b_kmajor=False, aligned=al)
     return dx, dw1, db1, dw2, db2
 
 
@@ -365,35 +375,41 @@ _TY = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
 def aot_specs() -> list[KernelSpec]:
-    """Every (kernel, dtype, constexpr) combination the launchers above can launch."""
+    """Every (kernel, dtype, constexpr, config) combination the launchers above can launch.
+
+    ALIGNED=True is the usual case (E, H1, D and the strides multiples of 8); ALIGNED=False is
+    the ragged fallback with the small config.  16-bit aligned specs must get wgmma on sm_90.
+    """
     specs = []
     for dtype, ty in _TY.items():
-        wg = dtype != torch.float32
-        flags = dict(IEEE=dtype == torch.float32, UPCAST=False, ALIGNED=True)
-        mm_sig = {n: f"*{ty}" for n in ("A", "B", "C", "BIAS", "PRE", "AOUT")}
-        mm_sig.update({n: "i32" for n in ("M", "K", "C_GROUPS", "C_D", "A_D", "stride_am", "stride_ag",
-                                          "stride_b", "stride_cm", "stride_cg")})
-        variants = []  # (name, role, constexprs)
-        for aname, aid in ACT_IDS.items():
+        for aligned in (True, False):
+            wg = dtype != torch.float32 and aligned
+            flags = dict(IEEE=dtype == torch.float32, UPCAST=False, ALIGNED=aligned)
+            tag = f"{ty}{'' if aligned else ',unaligned'}"
+            mm_sig = {n: f"*{ty}" for n in ("A", "B", "C", "BIAS", "PRE", "AOUT")}
+            mm_sig.update({n: "i32" for n in ("M", "K", "C_GROUPS", "C_D", "A_D", "stride_am", "stride_ag",
+                                              "stride_b", "stride_cm", "stride_cg")})
+            variants = []  # (name, role, constexprs)
+            for aname, aid in ACT_IDS.items():
+                for bias in (False, True):
+                    variants.append((f"hidden[{aname},bias={int(bias)}]", "hidden",
+                                     dict(ACT=aid, EPI=1, HAS_BIAS=bias, A_SPLIT_K=False, B_KMAJOR=True)))
+                variants.append((f"dhidden[{aname}]", "dh",
+                                 dict(ACT=aid, EPI=2, HAS_BIAS=False, A_SPLIT_K=True, B_KMAJOR=False)))
             for bias in (False, True):
-                variants.append((f"hidden[{aname},bias={int(bias)}]", "hidden",
-                                 dict(ACT=aid, EPI=1, HAS_BIAS=bias, A_SPLIT_K=False, B_KMAJOR=True)))
-            variants.append((f"dhidden[{aname}]", "dh",
-                             dict(ACT=aid, EPI=2, HAS_BIAS=False, A_SPLIT_K=True, B_KMAJOR=False)))
-        for bias in (False, True):
-            variants.append((f"out[bias={int(bias)}]", "out",
-                             dict(ACT=0, EPI=0, HAS_BIAS=bias, A_SPLIT_K=False, B_KMAJOR=True)))
-        variants.append(("dx", "dx", dict(ACT=0, EPI=0, HAS_BIAS=False, A_SPLIT_K=False, B_KMAJOR=False)))
-        for name, role, cx in variants:
-            bm, bn, bk, warps, stages = _config(role, dtype)
-            specs.append(KernelSpec(f"prefix_mlp_{name}[{ty}]", _mlp_mm_kernel, mm_sig,
-                                    {**cx, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                    num_warps=warps, num_stages=stages, expect_wgmma=wg))
-        wg_sig = {n: f"*{ty}" for n in ("G", "X", "DW", "DB")}
-        wg_sig.update({n: "i32" for n in ("N", "K", "G_D", "stride_gk", "stride_gg", "stride_xk")})
-        bm, bn, bk, warps, stages = _config("wgrad", dtype)
-        for bias in (False, True):
-            specs.append(KernelSpec(f"prefix_mlp_wgrad[bias={int(bias)}][{ty}]", _mlp_wgrad_kernel, wg_sig,
-                                    {"HAS_BIAS": bias, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                    num_warps=warps, num_stages=stages, expect_wgmma=wg))
+                variants.append((f"out[bias={int(bias)}]", "out",
+                                 dict(ACT=0, EPI=0, HAS_BIAS=bias, A_SPLIT_K=False, B_KMAJOR=True)))
+            variants.append(("dx", "dx", dict(ACT=0, EPI=0, HAS_BIAS=False, A_SPLIT_K=False, B_KMAJOR=False)))
+            for name, role, cx in variants:
+                bm, bn, bk, warps, stages = _config(role, dtype, aligned)
+                specs.append(KernelSpec(f"prefix_mlp_{name}[{tag}]", _mlp_mm_kernel, mm_sig,
+                                        {**cx, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                        num_warps=warps, num_stages=stages, expect_wgmma=wg))
+            wg_sig = {n: f"*{ty}" for n in ("G", "X", "DW", "DB")}
+            wg_sig.update({n: "i32" for n in ("N", "K", "G_D", "stride_gk", "stride_gg", "stride_xk")})
+            bm, bn, bk, warps, stages = _config("wgrad", dtype, aligned)
+            for bias in (False, True):
+                specs.append(KernelSpec(f"prefix_mlp_wgrad[bias={int(bias)}][{tag}]", _mlp_wgrad_kernel, wg_sig,
+                                        {"HAS_BIAS": bias, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                        num_warps=warps, num_stages=stages, expect_wgmma=wg))
     return specs

@@ -1,0 +1,178 @@
+"""``softprompt-kernels report``: static GPU report, produced without a GPU.
+
+Two parts:
+1. every shipped Triton kernel configuration compiled ahead of time for sm_90 and sm_80
+   (``softprompt_kernels.triton.aot`` in a subprocess): registers, spills, shared memory,
+   theoretical occupancy, wgmma;
+2. for canonical prefix-tuning shapes, analytic FLOPs and minimum bytes moved by
+   ``prefix_attention`` forward and forward+backward, and the H100 SXM roofline floor
+   (989 TFLOP/s dense bf16, 3.35 TB/s).  The floor is a lower bound computed from those two
+   numbers, NOT a measurement; nothing here was run on a GPU.
+
+Usage: ``softprompt-kernels report [--json out.json] [--arch 90 80] [--jobs N] [--no-compile]``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+H100_SXM = {"name": "H100 SXM", "flops": 989e12, "bytes_per_s": 3.35e12,
+            "note": "dense bf16 tensor-core peak and HBM3 bandwidth from NVIDIA's datasheet"}
+FLOOR_LABEL = "roofline floor, not a measurement"
+BWD_FLOP_FACTOR = 2.5   # backward = 2.5 x forward FLOPs (FlashAttention convention: 5 vs 2 GEMMs)
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One attention layer call: q [B, Hq, L, D], k/v [B, Hkv, S, D], shared prefix [Hkv, P, D]."""
+
+    case: str
+    B: int
+    Hq: int
+    Hkv: int
+    L: int
+    S: int
+    P: int
+    D: int
+    causal: bool
+    model: str
+    elem_bytes: int = 2  # bf16
+
+
+# B and heads: the model family each task is usually trained with (one layer's call, S = L).
+CANONICAL_SHAPES = (
+    Shape("table-to-text", B=8, Hq=16, Hkv=16, L=128, S=128, P=10, D=64, causal=True,
+          model="GPT-2 medium (16 heads x 64)"),
+    Shape("summarization", B=8, Hq=16, Hkv=16, L=512, S=512, P=200, D=64, causal=False,
+          model="BART-large encoder (16 heads x 64)"),
+    Shape("p-tuning-v2 cls", B=32, Hq=16, Hkv=16, L=128, S=128, P=20, D=64, causal=False,
+          model="RoBERTa-large (16 heads x 64)"),
+    Shape("seq labelling", B=16, Hq=16, Hkv=16, L=256, S=256, P=100, D=64, causal=False,
+          model="RoBERTa-large (16 heads x 64)"),
+    Shape("LLM GQA", B=4, Hq=32, Hkv=8, L=2048, S=2048, P=64, D=128, causal=True,
+          model="Llama-3-8B-like (32 q / 8 kv heads x 128)"),
+)
+
+
+def effective_keys(s: Shape) -> float:
+    """Keys each query sees on average: all P prefix keys plus S (non-causal) or S - L/2 (causal).
+
+    With S = L the causal sequence part is halved (the usual convention; it ignores the +1/2 of
+    the diagonal)."""
+    return s.P + (s.S - s.L / 2 if s.causal else s.S)
+
+
+def attention_flops(s: Shape) -> dict:
+    """fwd = 4 B Hq L (P + S_eff) D (QK^T and PV, 2 FLOPs per MAC); bwd = 2.5 x fwd."""
+    fwd = 4.0 * s.B * s.Hq * s.L * effective_keys(s) * s.D
+    return {"fwd": fwd, "bwd": BWD_FLOP_FACTOR * fwd, "fwd+bwd": (1 + BWD_FLOP_FACTOR) * fwd}
+
+
+def attention_min_bytes(s: Shape) -> dict:
+    """Compulsory HBM traffic: each input read once, each output written once, no intermediates.
+
+    fwd reads q, k, v, prefix_k, prefix_v (the prefix once: no batch copy) and writes out and the
+    float32 lse.  bwd reads q, k, v, prefix_k/v, out, dout, lse and writes dq, dk, dv, dprefix_k/v.
+    fwd+bwd is the sum of the two separate passes."""
+    e = s.elem_bytes
+    q = s.B * s.Hq * s.L * s.D
+    kv = 2 * s.B * s.Hkv * s.S * s.D
+    pkv = 2 * s.Hkv * s.P * s.D
+    lse = s.B * s.Hq * s.L * 4
+    fwd = e * (q + kv + pkv + q) + lse
+    bwd = e * (q + kv + pkv + 2 * q) + lse + e * (q + kv + pkv)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}
+
+
+def roofline_floor_s(flops: float, nbytes: float, hw: dict = H100_SXM) -> float:
+    """max(FLOPs / peak FLOP/s, bytes / bandwidth): no kernel can be faster.  Not a measurement."""
+    return max(flops / hw["flops"], nbytes / hw["bytes_per_s"])
+
+
+def analytic_rows(shapes=CANONICAL_SHAPES, hw: dict = H100_SXM) -> list[dict]:
+    rows = []
+    for s in shapes:
+        fl, by = attention_flops(s), attention_min_bytes(s)
+        for pas in ("fwd", "fwd+bwd"):
+            floor = roofline_floor_s(fl[pas], by[pas], hw)
+            rows.append({
+                "case": s.case, "pass": pas, "shape": asdict(s),
+                "flops": fl[pas], "min_bytes": by[pas], "intensity_flop_per_byte": fl[pas] / by[pas],
+                "bound": "compute" if fl[pas] / hw["flops"] >= by[pas] / hw["bytes_per_s"] else "memory",
+                "h100_floor_us": floor * 1e6,
+            })
+    return rows
+
+
+def format_analytic(rows: list[dict], hw: dict = H100_SXM) -> str:
+    head = ("case", "pass", "B", "Hq/Hkv", "L", "P", "D", "causal", "GFLOP", "min MB", "FLOP/B", "bound",
+            "H100 floor us")
+    out = []
+    for r in rows:
+        s = r["shape"]
+        out.append((r["case"], r["pass"], str(s["B"]), f"{s['Hq']}/{s['Hkv']}", str(s["L"]), str(s["P"]),
+                    str(s["D"]), "yes" if s["causal"] else "no", f"{r['flops'] / 1e9:.2f}",
+                    f"{r['min_bytes'] / 1e6:.2f}", f"{r['intensity_flop_per_byte']:.0f}", r["bound"],
+                    f"{r['h100_floor_us']:.2f}"))
+    w = [max(len(h), *(len(o[i]) for o in out)) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
+    lines = [f"prefix_attention, one layer call, bf16 (S = L, shared prefix); "
+             f"{hw['name']}: {hw['flops'] / 1e12:.0f} TFLOP/s, {hw['bytes_per_s'] / 1e12:.2f} TB/s",
+             f"'H100 floor us' = max(FLOPs/peak, bytes/bandwidth): {FLOOR_LABEL}.",
+             "FLOPs: fwd = 4*B*Hq*L*(P + S_eff)*D, S_eff = S (S - L/2 causal); bwd = 2.5 x fwd. "
+             "Min bytes: inputs read once, outputs written once.",
+             fmt(head), fmt(["-" * n for n in w])]
+    lines += [fmt(o) for o in out]
+    models = {r["case"]: r["shape"]["model"] for r in rows}
+    lines.append("Models: " + "; ".join(f"{c}: {m}" for c, m in models.items()))
+    return "\n".join(lines)
+
+
+def compile_results(archs=(90, 80), jobs: Optional[int] = None, cache_dir: Optional[str] = None) -> list[dict]:
+    """AOT-compile every shipped spec (subprocess without TRITON_INTERPRET); result dicts."""
+    from .triton import aot
+
+    results, _ = aot.run_subprocess(aot.KERNEL_MODULES, archs, jobs=jobs, cache_dir=cache_dir)
+    return results
+
+
+def main(argv: Optional[list] = None) -> int:
+    p = argparse.ArgumentParser(prog="softprompt-kernels report", description=__doc__.split("\n\n")[0])
+    p.add_argument("--json", help="also write the report as JSON")
+    p.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="compile targets (default: 90 80)")
+    p.add_argument("--jobs", type=int, default=None, help="parallel compile processes")
+    p.add_argument("--cache-dir", help="TRITON_CACHE_DIR for the compiles (default: Triton's cache)")
+    p.add_argument("--no-compile", action="store_true", help="analytic part only")
+    args = p.parse_args(argv)
+    from .triton import aot
+
+    rc = 0
+    compiled: list[dict] = []
+    if not args.no_compile:
+        compiled = compile_results(args.arch, jobs=args.jobs, cache_dir=args.cache_dir)
+        for arch in args.arch:
+            mine = [r for r in compiled if r["arch"] in (arch, 0)]
+            print(f"== shipped Triton kernel configurations compiled for sm_{arch} "
+                  f"({aot.SM_LIMITS[arch].gpu}; theoretical occupancy; no GPU used) ==")
+            print(aot.format_table(mine))
+            print()
+        errors = [r for r in compiled if r["error"]]
+        spills = [r for r in compiled if not r["error"] and r["spills"]]
+        print(f"{len(compiled)} compiles: {len(errors)} errors, {len(spills)} with spills, "
+              f"triton {compiled[0]['triton_version'] if compiled else '?'}; compile_s is host CPU compile time.\n")
+        rc = 1 if errors else 0
+    rows = analytic_rows()
+    print("== analytic FLOPs / minimum bytes per canonical shape ==")
+    print(format_analytic(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"note": f"static report; no GPU was used; h100_floor_us is a {FLOOR_LABEL}",
+                       "hardware_for_floor": H100_SXM, "compiled": compiled, "analytic": rows}, f, indent=1)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -184,6 +184,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
   p.lse_sb = lse_c.stride(0); p.lse_sh = lse_c.stride(1); p.lse_sl = lse_c.stride(2);
   Tensor delta = new_output(lse_c.sizes(), lse_c.options());
   p.delta = delta.data_ptr<float>();
+  Tensor row_scale;
+  if (q.scalar_type() == at::kFloat) {  // exact row statistics for float32 (see PrefixAttnParams)
+    row_scale = new_output(lse_c.sizes(), lse_c.options());
+    p.row_scale = row_scale.data_ptr<float>();
+  }
 
   Tensor dq = new_output(q.sizes(), q.options());
   Tensor dk = new_output(k.sizes(), k.options());

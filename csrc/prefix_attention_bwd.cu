@@ -1,5 +1,7 @@
 // Prefix-attention backward (FlashAttention-2 style, SIMT):
-//   1. delta[b,h,i] = sum_d dout * out                              (preprocess)
+//   1. delta[b,h,i] = sum_d dout * out                              (preprocess), or, when
+//      p.row_scale is set (float32), the exact row-statistics pass: the dQ kernel in STATS
+//      mode computes sum_j P~_ij and sum_j P~_ij dP_ij with P~ = exp(s - lse)
 //   2. dK/dV: one block per (key tile, kv head, row); key tiles are the prefix tiles followed
 //      by the sequence tiles; each block loops over the query heads of its GQA group and the
 //      query tiles that can see it.  Prefix tiles write float32 per-row partials [B,Hkv,P,D]
@@ -7,6 +9,8 @@
 //   3. dQ: one block per (query tile, head, row), loops over prefix + sequence key tiles.
 //   4. deterministic prefix reduction: fixed-order sum of the partials over rows b per task.
 // P is recomputed from the saved lse; masked scores and empty rows (lse = -inf) give P = 0.
+#include <type_traits>
+
 #include "cuda_compat.cuh"
 
 #include "launchers.h"
@@ -37,7 +41,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_bwd_delta_kernel(const P
 template <typename Cfg>
 constexpr int dkv_smem_floats() {
   return 2 * Cfg::kRows * Cfg::kStride + 2 * Cfg::kCols * Cfg::kStride +
-         2 * Cfg::kRows * (Cfg::kCols + 1) + 2 * Cfg::kCols;
+         2 * Cfg::kRows * (Cfg::kCols + 1) + 3 * Cfg::kCols;
 }
 
 template <typename T, int DM>
@@ -54,6 +58,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dkdv_kernel(const
   float* sdST = sPT + BN * PS;   // [BN][PS]  dS^T
   float* sLse = sdST + BN * PS;  // [BM]
   float* sDelta = sLse + BM;     // [BM]
+  float* sRs = sDelta + BM;      // [BM] row scale (1 without the exact pass)
 
   const int hk = blockIdx.y;
   const int b = blockIdx.z;
@@ -90,6 +95,7 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dkdv_kernel(const
         const bool ok = m0 + m < p.L;
         sLse[m] = ok ? p.lse[lrow + (int64_t)(m0 + m) * p.lse_sl] : -INFINITY;
         sDelta[m] = ok ? p.delta[lrow + (int64_t)(m0 + m) * p.lse_sl] : 0.f;
+        sRs[m] = (ok && p.row_scale != nullptr) ? p.row_scale[lrow + (int64_t)(m0 + m) * p.lse_sl] : 1.f;
       }
       __syncthreads();
 #pragma unroll
@@ -97,12 +103,17 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dkdv_kernel(const
         const int m = cg + TPR * j;
         const bool vis = column_visible(p, ks, m0 + m, n, b);
         const float s = vis ? dot_smem<DM>(sK + nr * QS, sQ + m * QS) * p.scale : -INFINITY;
-        const float pt = prob_from_lse(s, sLse[m]);
+        const float pt = prob_from_lse(s, sLse[m]) * sRs[m];
         const float dp = dot_smem<DM>(sV + nr * QS, sdO + m * QS);
         sPT[nr * PS + m] = pt;
         sdST[nr * PS + m] = pt * (dp - sDelta[m]);
       }
       __syncwarp();  // sPT/sdST row nr belongs to the TPR lanes of one warp
+      // Blocked summation: this tile's BM terms first, then into the running sums (the
+      // prefix keys collect B * group * L terms; one sequential sum would lose float32 bits).
+      float tk[DPT], tv[DPT];
+#pragma unroll
+      for (int k = 0; k < DPT; ++k) { tk[k] = 0.f; tv[k] = 0.f; }
 #pragma unroll 4
       for (int m = 0; m < BM; ++m) {
         const float pt = sPT[nr * PS + m];
@@ -110,10 +121,12 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dkdv_kernel(const
 #pragma unroll
         for (int k = 0; k < DPT; ++k) {
           const int d = cg + TPR * k;
-          dv[k] = fmaf(pt, sdO[m * QS + d], dv[k]);
-          dk[k] = fmaf(ds, sQ[m * QS + d], dk[k]);
+          tv[k] = fmaf(pt, sdO[m * QS + d], tv[k]);
+          tk[k] = fmaf(ds, sQ[m * QS + d], tk[k]);
         }
       }
+#pragma unroll
+      for (int k = 0; k < DPT; ++k) { dk[k] += tk[k]; dv[k] += tv[k]; }
       __syncwarp();
     }
   }
@@ -157,8 +170,9 @@ constexpr int dq_smem_floats() {
   return 2 * Cfg::kRows * Cfg::kStride + 2 * Cfg::kCols * Cfg::kStride + Cfg::kRows * (Cfg::kCols + 1);
 }
 
-template <typename T, int DM>
-__global__ void __launch_bounds__(kThreads) prefix_attn_bwd_dq_kernel(const PrefixAttnParams p) {
+// STATS = false: dQ.  STATS = true: the exact row-statistics pass (writes row_scale, delta).
+template <typename T, int DM, bool STATS>
+__global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dq_kernel(const PrefixAttnParams p) {
   using Cfg = DqCfg<DM>;
   constexpr int BM = Cfg::kRows, BN = Cfg::kCols, TPR = Cfg::kTPR, DPT = Cfg::kDPT,
                 NPT = Cfg::kCPT, QS = Cfg::kStride, PS = BN + 1;
@@ -184,7 +198,9 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_bwd_dq_kernel(const Pref
                            p.do_sl, p.do_sd, m0, p.L, p.D);
   const int64_t lo = (int64_t)b * p.lse_sb + (int64_t)h * p.lse_sh + (int64_t)i * p.lse_sl;
   const float lse_i = (i < p.L) ? p.lse[lo] : -INFINITY;
-  const float delta_i = (i < p.L) ? p.delta[lo] : 0.f;
+  const float delta_i = (!STATS && i < p.L) ? p.delta[lo] : 0.f;
+  const float rs_i = (!STATS && i < p.L && p.row_scale != nullptr) ? p.row_scale[lo] : 1.f;
+  float l_sum = 0.f, d_sum = 0.f;  // STATS: sum_j P~_ij, sum_j P~_ij dP_ij
 
   float dq[DPT];
 #pragma unroll
@@ -206,10 +222,16 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_bwd_dq_kernel(const Pref
       const int nn = cg + TPR * j;
       const bool vis = column_visible(p, ks, i, ks.n0 + nn, b);
       const float s = vis ? dot_smem<DM>(sQ + r * QS, sK + nn * QS) * p.scale : -INFINITY;
-      const float pr = prob_from_lse(s, lse_i);
+      const float pr = prob_from_lse(s, lse_i) * rs_i;
       const float dp = dot_smem<DM>(sdO + r * QS, sV + nn * QS);
-      sdS[r * PS + nn] = pr * (dp - delta_i);
+      if (STATS) {
+        l_sum += pr;
+        d_sum = fmaf(pr, dp, d_sum);
+      } else {
+        sdS[r * PS + nn] = pr * (dp - delta_i);
+      }
     }
+    if (STATS) continue;
     __syncwarp();
 #pragma unroll 4
     for (int nn = 0; nn < BN; ++nn) {
@@ -218,6 +240,15 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_bwd_dq_kernel(const Pref
       for (int k = 0; k < DPT; ++k) dq[k] = fmaf(ds, sK[nn * QS + cg + TPR * k], dq[k]);
     }
     __syncwarp();
+  }
+  if (STATS) {
+    l_sum = group_sum<TPR>(l_sum);
+    d_sum = group_sum<TPR>(d_sum);
+    if (i < p.L && cg == 0) {
+      p.row_scale[lo] = l_sum > 0.f ? 1.f / l_sum : 0.f;
+      p.delta[lo] = l_sum > 0.f ? d_sum / l_sum : 0.f;
+    }
+    return;
   }
   if (i < p.L) {
     T* o = static_cast<T*>(p.dq) + (int64_t)b * p.dq_sb + (int64_t)h * p.dq_sh + (int64_t)i * p.dq_sl;
@@ -257,9 +288,34 @@ __global__ void __launch_bounds__(256) prefix_grad_reduce_kernel(const float* __
 }
 
 // ------------------------------------------------------------------ launchers
+template <typename T, int DM, bool STATS>
+static cudaError_t run_dq(const PrefixAttnParams& p, cudaStream_t stream) {
+  using Cfg = DqCfg<DM>;
+  const size_t smem = sizeof(float) * dq_smem_floats<Cfg>();
+  auto kernel = prefix_attn_bwd_dq_kernel<T, DM, STATS>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  dim3 grid(num_tiles(p.L, Cfg::kRows), p.Hq, p.B);
+  SPK_LAUNCH(kernel, grid, kThreads, smem, stream, p);
+  return cudaGetLastError();
+}
+
 template <typename T, int DM>
 static cudaError_t run_bwd(const PrefixAttnParams& p, cudaStream_t stream) {
   cudaError_t err;
+  if (p.row_scale != nullptr) {  // exact row statistics (float32 only)
+    if constexpr (std::is_same<T, float>::value) {
+      err = run_dq<T, DM, true>(p, stream);
+    } else {
+      err = cudaErrorInvalidValue;
+    }
+  } else {
+    const int64_t rows = (int64_t)p.B * p.Hq * p.L;
+    const int per_block = kThreads / 32;
+    SPK_LAUNCH(prefix_attn_bwd_delta_kernel<T>, (unsigned)((rows + per_block - 1) / per_block), kThreads, 0, stream, p);
+    err = cudaGetLastError();
+  }
+  if (err != cudaSuccess) return err;
   {
     using Cfg = DkvCfg<DM>;
     const size_t smem = sizeof(float) * dkv_smem_floats<Cfg>();
@@ -271,26 +327,11 @@ static cudaError_t run_bwd(const PrefixAttnParams& p, cudaStream_t stream) {
     err = cudaGetLastError();
     if (err != cudaSuccess) return err;
   }
-  {
-    using Cfg = DqCfg<DM>;
-    const size_t smem = sizeof(float) * dq_smem_floats<Cfg>();
-    auto kernel = prefix_attn_bwd_dq_kernel<T, DM>;
-    err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-    if (err != cudaSuccess) return err;
-    dim3 grid(num_tiles(p.L, Cfg::kRows), p.Hq, p.B);
-    SPK_LAUNCH(kernel, grid, kThreads, smem, stream, p);
-    err = cudaGetLastError();
-  }
-  return err;
+  return run_dq<T, DM, false>(p, stream);
 }
 
 template <typename T>
 static cudaError_t dispatch_bwd(const PrefixAttnParams& p, cudaStream_t stream) {
-  const int64_t rows = (int64_t)p.B * p.Hq * p.L;
-  const int per_block = kThreads / 32;
-  SPK_LAUNCH(prefix_attn_bwd_delta_kernel<T>, (unsigned)((rows + per_block - 1) / per_block), kThreads, 0, stream, p);
-  cudaError_t err = cudaGetLastError();
-  if (err != cudaSuccess) return err;
   switch (head_dim_bucket(p.D)) {
     case 32: return run_bwd<T, 32>(p, stream);
     case 64: return run_bwd<T, 64>(p, stream);

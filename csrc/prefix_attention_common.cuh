@@ -40,6 +40,11 @@ struct PrefixAttnParams {
   void* dv = nullptr;
   float* dpk = nullptr;
   float* dpv = nullptr;
+  // Optional float32 [B,Hq,L] (lse's strides).  When set, the backward runs an exact
+  // row-statistics pass first: row_scale = 1 / sum_j exp(s_j - lse) and delta = sum_j P_ij dP_ij,
+  // which removes the rounding error of the saved lse from the recomputed probabilities
+  // (used for float32 inputs; low precision uses delta = rowsum(dout * out)).
+  float* row_scale = nullptr;
 
   int64_t q_sb = 0, q_sh = 0, q_sl = 0, q_sd = 0;
   int64_t k_sb = 0, k_sh = 0, k_ss = 0, k_sd = 0;
@@ -108,21 +113,11 @@ SPK_HD bool prefix_visible(int i, int c, int L, int P) { return i >= 0 && i < L 
 // ---------------------------------------------------------------- softmax updates
 SPK_HD float neg_inf() { return -INFINITY; }
 
-SPK_HD float fast_exp(float x) {
-#if defined(__CUDA_ARCH__)
-  return __expf(x);
-#else
-  return std::exp(x);
-#endif
-}
+// Full-precision expf/logf (not __expf/__logf): the backward recomputes probabilities from the
+// saved lse, and float32 inputs must meet the same tolerance rule as the low-precision ones.
+SPK_HD float fast_exp(float x) { return expf(x); }
 
-SPK_HD float safe_log(float x) {
-#if defined(__CUDA_ARCH__)
-  return __logf(x);
-#else
-  return std::log(x);
-#endif
-}
+SPK_HD float safe_log(float x) { return logf(x); }
 
 // Running state of one softmax row: max m and denominator l (both relative to m).
 struct SoftmaxRow {

@@ -86,7 +86,8 @@ def _pretty(mangled: str) -> str:
     name, targs = m.group(1), m.group(2)
     dt = next((v for k, v in DTYPES.items() if targs.startswith(k)), "?")
     d = re.search(r"Li(\d+)E", targs)
-    return f"{name}<{dt}{', D=' + d.group(1) if d else ''}>"
+    stats = ", stats" if "Lb1E" in targs else ""
+    return f"{name}<{dt}{', D=' + d.group(1) if d else ''}{stats}>"
 
 
 @pytest.fixture(scope="module")
@@ -131,6 +132,8 @@ def test_every_instantiation_is_compiled_for_both_archs(ptxas_report):
                 for d in HEAD_DIMS:
                     want = f"{kind}I{dt}Li{d}E"
                     assert any(want in k for k in kernels), f"missing {kind}<{DTYPES[dt]}, D={d}> for {arch}"
+        for d in HEAD_DIMS:  # the exact row-statistics pass of float32 backward
+            assert any(f"prefix_attn_bwd_dq_kernelIfLi{d}ELb1E" in k for k in kernels), f"missing dq stats D={d}"
         for kind in ("prefix_attn_bwd_delta_kernel", "prefix_grad_reduce_kernel", "mlp_bias_act_kernel",
                      "mlp_layout_store_kernel", "mlp_layout_gather_kernel", "mlp_act_bwd_kernel"):
             for dt in DTYPES:

@@ -8,6 +8,8 @@ Skipped with a reason when no GPU / CUDA toolchain is present.
 """
 from __future__ import annotations
 
+import zlib
+
 import pytest
 import torch
 
@@ -57,7 +59,7 @@ def _built():
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_attention_matches_reference(case, dtype):
-    check_attention(_fwd, _bwd_factory(), case, dtype, "cuda", seed=hash(str(case)) % 1000)
+    check_attention(_fwd, _bwd_factory(), case, dtype, "cuda", seed=zlib.crc32(str(case).encode()) % 1000)
     torch.cuda.synchronize()
 
 

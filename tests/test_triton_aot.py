@@ -2,9 +2,13 @@
 
 The compiles run in a subprocess (``python -m softprompt_kernels.triton.aot``) with
 ``TRITON_INTERPRET`` removed, because conftest.py turns the interpreter on for this process.
-Each test run compiles cold (fresh ``TRITON_CACHE_DIR``).  When ``<repo>/.triton36`` holds a
-side-by-side Triton 3.6 (the fleet GPU image's version; ``pip install --no-deps --target
-.triton36 triton==3.6.0``) the compile tests also run under it.
+Compiles go through Triton's normal cache (``TRITON_CACHE_DIR`` or ``~/.triton/cache``; keyed
+by kernel source, options and Triton version, so a hit returns the same binary); set
+``SPK_AOT_COLD=1`` to compile into a fresh temp cache instead.  When ``<repo>/.triton36`` holds
+a side-by-side Triton 3.6 (the fleet GPU image's version; ``pip install --no-deps --target
+.triton36 triton==3.6.0``) the compile tests also run under it; there the shipped kernels are
+compiled as the representative subset (first and last spec of every kernel function, see
+``aot.representative``) unless ``SPK_AOT_FULL_TRITON36=1``.
 """
 import os
 from pathlib import Path
@@ -22,6 +26,10 @@ EXPECTED_KERNEL_MODULES = [
     "softprompt_kernels.triton.prefix_attention",
     "softprompt_kernels.triton.prefix_mlp",
 ]
+
+def _cache_dir(tmp_path):
+    return str(tmp_path / "triton_cache") if os.environ.get("SPK_AOT_COLD") == "1" else None
+
 
 TRITONS = [
     pytest.param((), id="triton-venv"),
@@ -98,18 +106,39 @@ def test_format_table_marks_errors_spills_and_missing_wgmma():
     assert "MISSING" in text and "STACK 8" in text and "CompilationError: boom" in text
 
 
+def test_representative_subset_covers_every_kernel_function():
+    from types import SimpleNamespace as NS
+
+    def f(name):
+        return NS(__name__=name)
+
+    fa, fb = f("fwd"), f("bwd")
+    specs = [NS(fn=fa, expect_wgmma=True), NS(fn=fa, expect_wgmma=True), NS(fn=fa, expect_wgmma=True),
+             NS(fn=fa, expect_wgmma=False), NS(fn=fb, expect_wgmma=False), NS(fn=fa, expect_wgmma=False)]
+    assert aot.representative(specs) == [0, 2, 3, 4, 5]
+
+
+def test_run_refuses_interpreter_in_process():
+    assert os.environ.get("TRITON_INTERPRET") == "1"      # conftest.py
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        aot.run(["aot_fixture_kernels"], (90,))
+
+
 # -------------------------------------------------------- the driver on fixture kernels
 @pytest.mark.parametrize("pythonpath", TRITONS)
 def test_driver_on_fixture_kernels(pythonpath, tmp_path):
     """Known facts: GEMM uses wgmma on sm_90 only, axpy never; the spill kernel spills; a bad spec errors."""
     results, proc = aot.run_subprocess(
-        ["aot_fixture_kernels", "aot_fixture_kernels:spill_specs", "aot_fixture_kernels:bad_specs"],
-        (80, 90), cache_dir=str(tmp_path / "cache"), pythonpath=[*pythonpath, str(TESTS)], timeout=600)
+        ["aot_fixture_kernels", "aot_fixture_kernels:spill_specs", "aot_fixture_kernels:bad_specs",
+         "aot_fixture_no_such_module"],
+        (80, 90), cache_dir=_cache_dir(tmp_path), pythonpath=[*pythonpath, str(TESTS)], timeout=600)
     assert proc.returncode == 1, proc.stdout + proc.stderr          # the bad spec makes the run fail
     by = {(r["name"], r["arch"]): r for r in results}
-    assert len(by) == len(results) == 8
+    assert len(by) == len(results) == 9
+    missing = by["<module>", 0]
+    assert missing["module"] == "aot_fixture_no_such_module" and "ModuleNotFoundError" in missing["error"]
     if pythonpath:
-        assert all(r["triton_version"].startswith("3.6") for r in results)
+        assert all(r["triton_version"].startswith("3.6") for r in results if r["name"] != "<module>")
     for arch in (80, 90):
         gemm, axpy, spill = by["gemm[fp16,128x128x64]", arch], by["axpy[fp32,1024]", arch], \
             by["spill[fp32,64x64,1warp]", arch]
@@ -133,8 +162,9 @@ def test_expected_module_list_matches_driver():
 @pytest.mark.parametrize("pythonpath", TRITONS)
 def test_shipped_kernels_compile_without_spills(pythonpath, tmp_path):
     """Every spec of every kernel module compiles for sm_80 and sm_90, no spills, wgmma where expected."""
-    results, proc = aot.run_subprocess(EXPECTED_KERNEL_MODULES, (80, 90), cache_dir=str(tmp_path / "cache"),
-                                       pythonpath=list(pythonpath), timeout=600)
+    subset = "representative" if pythonpath and os.environ.get("SPK_AOT_FULL_TRITON36") != "1" else "all"
+    results, proc = aot.run_subprocess(EXPECTED_KERNEL_MODULES, (80, 90), cache_dir=_cache_dir(tmp_path),
+                                       subset=subset, pythonpath=list(pythonpath), timeout=900)
     print(aot.format_table(results))
     print(proc.stdout.splitlines()[-1] if proc.stdout else proc.stderr[-2000:])
     problems = [f"{r['module']} {r['name']} sm_{r['arch']}: {r['error']}" for r in results if r["error"]]

@@ -53,11 +53,10 @@ def _peft_classes():
 class _Runtime:
     """What ``apply`` installed on one PeftModel (and what ``remove`` undoes)."""
 
-    def __init__(self, model, backend: str, modules: list, num_layers: int,
-                 encoder_decoder: bool, attn_name: str, orig_attn: Optional[str]):
+    def __init__(self, model, backend: str, num_layers: int, encoder_decoder: bool, attn_name: str,
+                 orig_attn: Optional[str]):
         self.model = model
         self.backend = backend
-        self.modules = modules  # attention modules carrying LAYER_ATTR
         self.num_layers = num_layers
         self.encoder_decoder = encoder_decoder
         self.attn_name = attn_name
@@ -109,6 +108,10 @@ class _Runtime:
             if kv.shape != shape:
                 raise ValueError(f"adapter_names: adapter {n!r} has prefix shape {tuple(kv.shape)}, "
                                  f"{order[0]!r} has {tuple(shape)}; mixed batches need equal num_virtual_tokens")
+        active_p = model.active_peft_config.num_virtual_tokens
+        if shape[-2] != active_p:  # PEFT sizes masks and positions from the active adapter
+            raise ValueError(f"adapter_names: adapters have num_virtual_tokens={shape[-2]} but the active adapter "
+                             f"{model.active_adapter!r} has {active_p}; they must be equal")
         kv = torch.stack(kvs, dim=2)
         device = kv.device
         index = torch.tensor([order.index(n) for n in names], dtype=torch.int64, device=device)
@@ -164,7 +167,7 @@ def apply(model, *, backend: str = "auto"):
                          f"match the {model_type!r} model")
     layers = _find_layers(base, model_type, cfg.num_layers, encoder_decoder)
     name = register(backend)
-    rt = _Runtime(model, backend, list(layers), cfg.num_layers, encoder_decoder, name,
+    rt = _Runtime(model, backend, cfg.num_layers, encoder_decoder, name,
                   _compat.get_attn_implementation(config))
     for module, idx in layers.items():
         setattr(module, LAYER_ATTR, idx)

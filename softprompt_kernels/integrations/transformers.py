@@ -92,13 +92,6 @@ class PrefixLayer(_compat.DynamicLayer):
         if self._stored() > 0:
             super().reorder_cache(beam_idx)
 
-    def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0:  # legacy absolute length counts the prefix
-            tokens_to_remove = tokens_to_remove - self.prefix_len - self._stored()
-            if tokens_to_remove > 0:
-                return
-        super().crop(tokens_to_remove)
-
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._stored() > 0:
             super().batch_repeat_interleave(repeats)
@@ -190,15 +183,15 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
             raise TypeError(
                 "softprompt attention expects the 2D bool key-padding mask built by its registered mask function, got "
                 f"{attention_mask.dtype} {tuple(attention_mask.shape)} ({type(module).__name__})")
-        kpm = attention_mask[:, attention_mask.shape[1] - S:] if attention_mask.shape[1] >= S else None
-        if kpm is None:
+        if attention_mask.shape[1] < S:
             raise ValueError(f"attention_mask covers {attention_mask.shape[1]} keys, fewer than the {S} keys of "
                              f"{type(module).__name__}")
+        kpm = attention_mask[:, attention_mask.shape[1] - S:]  # drop the P prefix columns PEFT prepends
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", False)
     out = prefix_attention(
-        query, key, value, pk, pv, prefix_index=idx, causal=bool(is_causal) and query.shape[2] > 0,
+        query, key, value, pk, pv, prefix_index=idx, causal=bool(is_causal),
         key_padding_mask=kpm, softmax_scale=scaling, dropout_p=float(dropout), backend=backend,
     )
     return out.transpose(1, 2).contiguous(), None

@@ -39,6 +39,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 ACTIVATIONS = ("tanh", "relu", "gelu", "identity")
 BACKENDS = ("auto", "triton", "cuda", "torch")
@@ -132,6 +133,24 @@ def _backward(ctx, grad_out, grad_pre):
 
 
 _prefix_mlp_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _mlp_flops(P: int, E: int, H1: int, N: int) -> int:
+    return 2 * P * E * H1 + 2 * P * H1 * N
+
+
+@register_flop_formula(torch.ops.softprompt_kernels.prefix_mlp_fwd)
+def _fwd_flops(x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    """GEMM FLOPs of the forward (for torch.utils.flop_counter.FlopCounterMode)."""
+    (P, E), H1 = x_shape, w1_shape[0]
+    return _mlp_flops(P, E, H1, args[1][0])
+
+
+@register_flop_formula(torch.ops.softprompt_kernels.prefix_mlp_bwd)
+def _bwd_flops(grad_shape, x_shape, w1_shape, *args, out_shape=None, **kwargs) -> int:
+    """dW2, dH, dW1, dx: twice the forward GEMM FLOPs."""
+    (P, E), H1 = x_shape, w1_shape[0]
+    return 2 * _mlp_flops(P, E, H1, args[1][0])
 
 
 # ----------------------------------------------------------------------------- public op

@@ -206,7 +206,8 @@ class AotResult:
     occupancy_pct: float = 0.0
     occupancy_limiter: str = ""
     wgmma: bool = False
-    compile_s: float = 0.0
+    compile_s: float = 0.0         # wall seconds of triton.compile (a cache hit: the load)
+    compile_cpu_s: float = 0.0     # CPU seconds of it, ptxas included (independent of machine load)
     triton_version: str = ""
     error: Optional[str] = None
     extra: dict = field(default_factory=dict)
@@ -268,6 +269,14 @@ def full_signature(spec) -> dict:
     return sig
 
 
+def _cpu_seconds() -> float:
+    """CPU time of this process plus its finished children (ptxas runs as a child)."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def compile_spec(spec, arch: int, *, module: str = "", align_hints: bool = True,
                  cuobjdump: Optional[str] = None) -> AotResult:
     """Compile one spec for ``arch`` in this process (``TRITON_INTERPRET`` must be unset)."""
@@ -287,10 +296,11 @@ def compile_spec(spec, arch: int, *, module: str = "", align_hints: bool = True,
             attrs = {(i,): [["tt.divisibility", 16]]
                      for i, (a, t) in enumerate(sig.items()) if t.startswith("*")}
         src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), _cpu_seconds()
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                                   options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
         res.compile_s = round(time.perf_counter() - t0, 3)
+        res.compile_cpu_s = round(_cpu_seconds() - c0, 3)
         md = compiled.metadata
         name = getattr(md, "name", spec.fn.__name__)
         usage = cubin_resource_usage(compiled.asm["cubin"], name, cuobjdump)
@@ -300,7 +310,8 @@ def compile_spec(spec, arch: int, *, module: str = "", align_hints: bool = True,
             res.spills = True
             res.extra["metadata_n_spills"] = int(n_spills)
     except Exception as e:  # noqa: BLE001 - recorded per spec, the run goes on
-        res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"[:2000]
+        msg = str(e).strip()
+        res.error = f"{type(e).__name__}: {msg if len(msg) <= 2000 else '...' + msg[-2000:]}"
     return res
 
 
@@ -422,7 +433,9 @@ def format_table(results: Iterable) -> str:
     for r in results:
         d = r if isinstance(r, dict) else asdict(r)
         if d.get("error"):
-            rows.append([f"sm_{d['arch']}", d["name"], "ERROR", d["error"][:80], "", "", "", "", "", ""])
+            lines = [ln.strip() for ln in d["error"].splitlines() if ln.strip()]
+            msg = lines[0] if len(lines) == 1 else f"{lines[0].split(':')[0]}: {lines[-1]}"
+            rows.append([f"sm_{d['arch']}", d["name"], "ERROR", msg[:100], "", "", "", "", "", ""])
             continue
         spill = "none" if not d["spills"] else f"STACK {d['stack_bytes']} LOCAL {d['local_bytes']}"
         wg = "yes" if d["wgmma"] else ("MISSING" if d["expect_wgmma"] and d["arch"] == 90 else "no")
@@ -510,10 +523,12 @@ def main(argv: Optional[list] = None) -> int:
     if not args.quiet:
         print(format_table(results))
         print(f"\n{len(results)} compiles, {sum(not r.ok for r in results)} errors, "
-              f"{sum(r.spills for r in results)} with spills; wall {wall} s; triton {triton.__version__}")
+              f"{sum(r.spills for r in results)} with spills; wall {wall} s, compile CPU "
+              f"{sum(r.compile_cpu_s for r in results):.1f} s; triton {triton.__version__}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"triton_version": triton.__version__, "wall_s": wall, "archs": args.arch,
+                       "compile_cpu_s": round(sum(r.compile_cpu_s for r in results), 2),
                        "results": [asdict(r) for r in results]}, f, indent=1)
     return 0 if all(r.ok for r in results) else 1
 

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .prefix_attention_fwd import (_TL_DTYPES, BLOCK_DS, CONFIG_OVERRIDE, _dot, _dropout_keep, _dummies, _exp, _log_domain,
+from .prefix_attention_fwd import (_TL_DTYPES, BLOCK_DS, CONFIG_OVERRIDE, _dot, _sdot, _dropout_keep, _dummies, _exp, _log_domain,
                                    UNIT_STRIDES, align_inputs, block_d_for, family, make_signature, unit_strides,
                                    vec_for, vstrides)
 
@@ -49,7 +49,7 @@ def _bwd_preprocess(O, DO, Delta, s_ob, s_oh, s_om, s_dob, s_doh, s_dom, s_dod, 
 
 
 @triton.jit
-def _attn_bwd_dkdv(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DK, DV, DPK, DPV,
+def _attn_bwd_dkdv(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, RowL, DK, DV, DPK, DPV,
                    s_qb, s_qh, s_qm, s_qd,
                    s_kb, s_kh, s_kn, s_kd,
                    s_vb, s_vh, s_vn, s_vd,
@@ -158,11 +158,13 @@ def _attn_bwd_dkdv(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DK, DV, DPK, DPV,
             lse = tl.load(Lse + bh64 * L + rows, mask=row_ok, other=float("inf"))
             lse = tl.where(lse == float("-inf"), float("inf"), lse) * _log_domain(IEEE)
             delta = tl.load(Delta + bh64 * L + rows, mask=row_ok, other=0.0)
-            qkT = _dot(k, tl.trans(q), IEEE)
+            qkT = _sdot(k, tl.trans(q), IEEE)
             pT = _exp(qkT * qk_scale - lse[None, :], IEEE)
+            if IEEE:
+                pT = pT / tl.load(RowL + bh64 * L + rows, mask=row_ok, other=1.0)[None, :]
             vis = col_vis[:, None] & row_ok[None, :] & (cols[:, None] <= rows[None, :] + vis_off)
             pT = tl.where(vis, pT, 0.0)
-            dpT = _dot(v, tl.trans(do), IEEE)
+            dpT = _sdot(v, tl.trans(do), IEEE)
             pdT = pT
             if dropout_p > 0.0:
                 keep = _dropout_keep(seed, bh, rows[None, :], (col_base + cols)[:, None], dropout_p)
@@ -190,12 +192,13 @@ def _attn_bwd_dkdv(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DK, DV, DPK, DPV,
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse, delta, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
+def _dq_inner(dq, q, do, lse, f, delta, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
               n_hi, n_valid, col_base, offs_m, offs_n, offs_d, d_ok,
               qk_scale, vis_off, kpm_base, s_ms, mask_on,
               dropout_p, inv_keep, seed, bh,
               BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
-    """dQ accumulation over key columns [0, n_hi) of one key source (unscaled)."""
+    """dQ accumulation over key columns [0, n_hi) of one key source (unscaled).
+    P = exp(S * qk_scale - lse) (divided by the row sum f for fp32 kernels)."""
     for start_n in range(0, n_hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < n_valid
@@ -206,9 +209,11 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
                      mask=col_ok[None, :] & d_ok[:, None], other=0.0)
         km = tl.load(kpm_base + cols64 * s_ms, mask=col_ok & ((cols * 0 + mask_on) != 0), other=1)
         vis = (col_ok & (km != 0))[None, :] & (cols[None, :] <= offs_m[:, None] + vis_off)
-        s = _dot(q, kt, IEEE)
+        s = _sdot(q, kt, IEEE)
         p = tl.where(vis, _exp(s * qk_scale - lse[:, None], IEEE), 0.0)
-        dp = _dot(do, vt, IEEE)
+        if IEEE:
+            p = p / f[:, None]
+        dp = _sdot(do, vt, IEEE)
         if dropout_p > 0.0:
             keep = _dropout_keep(seed, bh, offs_m[:, None], (col_base + cols)[None, :], dropout_p)
             dp = tl.where(keep, dp * inv_keep, 0.0)
@@ -218,7 +223,39 @@ def _dq_inner(dq, q, do, lse, delta, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
 
 
 @triton.jit
-def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DQ,
+def _stats_inner(m_i, l_i, d_i, q, do, k_base, v_base, s_kn, s_kd, s_vn, s_vd,
+                 n_hi, n_valid, col_base, offs_m, offs_n, offs_d, d_ok,
+                 qk_scale, vis_off, kpm_base, s_ms, mask_on,
+                 dropout_p, inv_keep, seed, bh,
+                 BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
+    """fp32 pass: online row max m, sum l of exp(S - m) and d = sum exp(S - m) * dP (dropped, scaled)."""
+    for start_n in range(0, n_hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < n_valid
+        cols64 = cols.to(tl.int64)
+        kt = tl.load(k_base + cols64[None, :] * s_kn + offs_d[:, None] * s_kd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        vt = tl.load(v_base + cols64[None, :] * s_vn + offs_d[:, None] * s_vd,
+                     mask=col_ok[None, :] & d_ok[:, None], other=0.0)
+        km = tl.load(kpm_base + cols64 * s_ms, mask=col_ok & ((cols * 0 + mask_on) != 0), other=1)
+        vis = (col_ok & (km != 0))[None, :] & (cols[None, :] <= offs_m[:, None] + vis_off)
+        s = tl.where(vis, _sdot(q, kt, IEEE) * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = _exp(s - m_safe[:, None], IEEE)
+        alpha = _exp(m_i - m_safe, IEEE)
+        dp = _sdot(do, vt, IEEE)
+        if dropout_p > 0.0:
+            keep = _dropout_keep(seed, bh, offs_m[:, None], (col_base + cols)[None, :], dropout_p)
+            dp = tl.where(keep, dp * inv_keep, 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        d_i = d_i * alpha + tl.sum(p * dp, 1)
+        m_i = m_new
+    return m_i, l_i, d_i
+
+
+@triton.jit
+def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, RowL, DQ,
                  s_qb, s_qh, s_qm, s_qd,
                  s_kb, s_kh, s_kn, s_kd,
                  s_vb, s_vh, s_vn, s_vd,
@@ -230,7 +267,13 @@ def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DQ,
                  scale, dropout_p, seed,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  IEEE: tl.constexpr, VEC: tl.constexpr):
-    """DQ [B, Hq, L, D] contiguous.  Grid (cdiv(L, BLOCK_M), B * Hq)."""
+    """DQ [B, Hq, L, D] contiguous.  Grid (cdiv(L, BLOCK_M), B * Hq).  Runs before the dK/dV kernel.
+
+    16-bit: P = exp2(S * scale * log2e - lse * log2e), Delta from the preprocess.
+    fp32 (IEEE): a first pass recomputes each row's max m, sum l and Delta = rowsum(P * dP) and stores
+    them (Lse <- m, RowL <- l, Delta scratch buffers) for this kernel and the dK/dV kernel; P = exp(S * scale
+    - m) / l then has the rounding of plain softmax, whereas exp(S * scale - lse) would carry fp32
+    rounding of lse (|lse| ulps), and rowsum(dO * O) the forward's rounding of O, amplified by D."""
     s_qb = s_qb * VEC
     s_qh = s_qh * VEC
     s_qm = s_qm * VEC
@@ -269,25 +312,48 @@ def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, DQ,
                 mask=q_msk, other=0.0)
     do = tl.load(DO + b64 * s_dob + h.to(tl.int64) * s_doh + rows64[:, None] * s_dom + offs_d[None, :] * s_dod,
                  mask=q_msk, other=0.0)
-    lse = tl.load(Lse + bh64 * L + offs_m, mask=row_ok, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * _log_domain(IEEE)
-    delta = tl.load(Delta + bh64 * L + offs_m, mask=row_ok, other=0.0)
     qk_scale = scale * _log_domain(IEEE)
     inv_keep = 1.0
     if dropout_p > 0.0:
         inv_keep = 1.0 / (1.0 - dropout_p)
-    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    if P > 0:
-        t = tl.load(PIDX + b).to(tl.int64)
-        dq = _dq_inner(dq, q, do, lse, delta, PK + t * s_pkt + hk64 * s_pkh, PV + t * s_pvt + hk64 * s_pvh,
-                       s_pkn, s_pkd, s_pvn, s_pvd, P, P, 0, offs_m, offs_n, offs_d, d_ok,
-                       qk_scale, 1 << 30, KPM, 0, 0, dropout_p, inv_keep, seed, bh, BLOCK_N, IEEE)
+    t = tl.load(PIDX + b, mask=P > 0, other=0).to(tl.int64)
+    pk_base = PK + t * s_pkt + hk64 * s_pkh
+    pv_base = PV + t * s_pvt + hk64 * s_pvh
+    k_base = K + b64 * s_kb + hk64 * s_kh
+    v_base = V + b64 * s_vb + hk64 * s_vh
     vis_off = S * 0 + (1 << 30)
     n_hi = S
     if causal != 0:
         vis_off = S - L
         n_hi = tl.maximum(tl.minimum(S, (pid_m + 1) * BLOCK_M + vis_off), 0)
-    dq = _dq_inner(dq, q, do, lse, delta, K + b64 * s_kb + hk64 * s_kh, V + b64 * s_vb + hk64 * s_vh,
+    if IEEE:
+        m_r = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_r = tl.zeros([BLOCK_M], tl.float32)
+        d_r = tl.zeros([BLOCK_M], tl.float32)
+        m_r, l_r, d_r = _stats_inner(m_r, l_r, d_r, q, do, pk_base, pv_base,
+                                     s_pkn, s_pkd, s_pvn, s_pvd, P, P, 0, offs_m, offs_n, offs_d, d_ok,
+                                     qk_scale, 1 << 30, KPM, 0, 0, dropout_p, inv_keep, seed, bh, BLOCK_N, IEEE)
+        m_r, l_r, d_r = _stats_inner(m_r, l_r, d_r, q, do, k_base, v_base,
+                                     s_kn, s_kd, s_vn, s_vd, n_hi, S, P, offs_m, offs_n, offs_d, d_ok,
+                                     qk_scale, vis_off, KPM + b64 * s_mb, s_ms, has_mask,
+                                     dropout_p, inv_keep, seed, bh, BLOCK_N, IEEE)
+        seen = l_r > 0.0
+        f = tl.where(seen, l_r, 1.0)
+        lse = tl.where(seen, m_r, float("inf"))
+        delta = d_r / f
+        tl.store(Lse + bh64 * L + offs_m, lse, mask=row_ok)
+        tl.store(RowL + bh64 * L + offs_m, f, mask=row_ok)
+        tl.store(Delta + bh64 * L + offs_m, delta, mask=row_ok)
+    else:
+        lse = tl.load(Lse + bh64 * L + offs_m, mask=row_ok, other=float("inf"))
+        lse = tl.where(lse == float("-inf"), float("inf"), lse) * _log_domain(IEEE)
+        f = lse
+        delta = tl.load(Delta + bh64 * L + offs_m, mask=row_ok, other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq = _dq_inner(dq, q, do, lse, f, delta, pk_base, pv_base,
+                   s_pkn, s_pkd, s_pvn, s_pvd, P, P, 0, offs_m, offs_n, offs_d, d_ok,
+                   qk_scale, 1 << 30, KPM, 0, 0, dropout_p, inv_keep, seed, bh, BLOCK_N, IEEE)
+    dq = _dq_inner(dq, q, do, lse, f, delta, k_base, v_base,
                    s_kn, s_kd, s_vn, s_vd, n_hi, S, P, offs_m, offs_n, offs_d, d_ok,
                    qk_scale, vis_off, KPM + b64 * s_mb, s_ms, has_mask,
                    dropout_p, inv_keep, seed, bh, BLOCK_N, IEEE)
@@ -317,24 +383,20 @@ def _prefix_reduce(Part, Order, Starts, Out, Hkv, PD, BLOCK: tl.constexpr):
 # ----------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (dtype family, BLOCK_D)
 DKDV_CONFIGS = {
-    ("16", 16): (64, 64, 4, 2),
     ("16", 32): (64, 64, 4, 2),
     ("16", 64): (64, 64, 4, 2),
     ("16", 128): (64, 64, 8, 2),
     ("16", 256): (32, 64, 8, 1),
-    ("32", 16): (32, 32, 4, 1),
     ("32", 32): (32, 32, 4, 1),
     ("32", 64): (32, 32, 4, 1),
     ("32", 128): (16, 32, 4, 1),
     ("32", 256): (16, 16, 4, 1),
 }
 DQ_CONFIGS = {
-    ("16", 16): (64, 64, 4, 2),
     ("16", 32): (64, 64, 4, 2),
     ("16", 64): (64, 64, 4, 2),
     ("16", 128): (64, 64, 8, 2),
     ("16", 256): (64, 32, 8, 1),
-    ("32", 16): (32, 32, 4, 1),
     ("32", 32): (32, 32, 4, 1),
     ("32", 64): (32, 32, 4, 1),
     ("32", 128): (32, 16, 4, 1),
@@ -354,7 +416,7 @@ def bwd_specs() -> list[KernelSpec]:
         p = "*" + tname
         ieee = dtype == torch.float32
         common = {"Q": p, "K": p, "V": p, "PK": p, "PV": p, "PIDX": "*i64", "KPM": "*u8", "DO": p,
-                  "Lse": "*fp32", "Delta": "*fp32", "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
+                  "Lse": "*fp32", "Delta": "*fp32", "RowL": "*fp32", "scale": "fp32", "dropout_p": "fp32", "seed": "i64"}
         sig_kv = make_signature(_attn_bwd_dkdv, {**common, "DK": p, "DV": p, "DPK": "*fp32", "DPV": "*fp32"},
                                 skip=UNIT_STRIDES)
         sig_q = make_signature(_attn_bwd_dq, {**common, "DQ": p}, skip=UNIT_STRIDES)
@@ -368,7 +430,8 @@ def bwd_specs() -> list[KernelSpec]:
                                 **unit_strides(fn)},
                     num_warps=w, num_stages=st, expect_wgmma=not ieee))
         bm, bdc, w, st = PRE_CONFIG
-        specs.append(KernelSpec(
+        if not ieee:  # fp32 computes delta inside the dQ kernel
+            specs.append(KernelSpec(
             name=f"prefix_attn_bwd_preprocess[{tname}]", fn=_bwd_preprocess,
             signature=make_signature(_bwd_preprocess, {"O": p, "DO": p, "Delta": "*fp32"}, skip=UNIT_STRIDES),
             constexprs={"BLOCK_M": bm, "BLOCK_D": bdc, "VEC": vec_for(dtype),
@@ -391,7 +454,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     dev = q.device
     P = 0 if prefix_k is None else prefix_k.shape[2]
     T = 0 if prefix_k is None else prefix_k.shape[0]
-    if L == 0 or B == 0 or Hq == 0 or P == 0:
+    if L == 0 or B == 0 or Hq == 0 or (prefix_k is not None and P == 0):
         if L == 0 or B == 0 or Hq == 0:
             dq = torch.zeros_like(q, memory_format=torch.contiguous_format)
             dk = torch.zeros((B, Hkv, S, D), dtype=k.dtype, device=dev)
@@ -419,19 +482,18 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         kpm, ms = mask_dummy, (0, 0)
     else:
         kpm, ms = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
-    lse = lse.contiguous()
-    bd = block_d_for(Dp)
     ieee = q.dtype == torch.float32
+    if ieee:  # scratch row statistics written by the fp32 dQ kernel (the caller's lse is not needed)
+        lse = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+        row_l = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    else:
+        lse = lse.contiguous()
+        row_l = lse
+    bd = block_d_for(Dp)
     group = Hq // Hkv
     causal_i, mask_i = int(bool(causal)), int(key_padding_mask is not None)
     scale, dropout_p, seed = float(scale), float(dropout_p), int(seed)
     Dv = Dp // vec
-
-    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
-    bm, bdc, w, st = PRE_CONFIG
-    _bwd_preprocess[(triton.cdiv(L, bm), B * Hq)](
-        out, dout, delta, *vstrides(out, vec), *vstrides(dout, vec), 1, Hq, L, Dv,
-        BLOCK_M=bm, BLOCK_D=bdc, VEC=vec, num_warps=w, num_stages=st)
 
     use_atomic = (not deterministic) and P > 0
     if P == 0:
@@ -445,19 +507,26 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
 
     common = (*vstrides(q, vec), 1, *vstrides(k, vec), 1, *vstrides(v, vec), 1, *pks, 1, *pvs, 1, *ms,
               *vstrides(dout, vec), 1)
-    bm, bn, w, st = _cfg("dkdv", DKDV_CONFIGS, q.dtype, bd)
-    n_seq = triton.cdiv(S, bn)
-    _attn_bwd_dkdv[(n_seq + triton.cdiv(P, bn), B * Hkv)](
-        q, k, v, pk, pv, pidx, kpm, dout, lse, delta, dk, dv, dpk_acc, dpv_acc, *common,
-        Hq, Hkv, L, S, P, Dv, group, n_seq, causal_i, mask_i, int(use_atomic),
-        scale, dropout_p, seed,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, VEC=vec, num_warps=w, num_stages=st)
+    delta = torch.empty((B, Hq, L), dtype=torch.float32, device=dev)
+    bm, bdc, w, st = PRE_CONFIG
+    if not ieee:  # fp32: the dQ kernel computes delta exactly
+        _bwd_preprocess[(triton.cdiv(L, bm), B * Hq)](
+            out, dout, delta, *vstrides(out, vec), *vstrides(dout, vec), 1, Hq, L, Dv,
+            BLOCK_M=bm, BLOCK_D=bdc, VEC=vec, num_warps=w, num_stages=st)
+
     bm, bn, w, st = _cfg("dq", DQ_CONFIGS, q.dtype, bd)
     _attn_bwd_dq[(triton.cdiv(L, bm), B * Hq)](
-        q, k, v, pk, pv, pidx, kpm, dout, lse, delta, dq, *common,
+        q, k, v, pk, pv, pidx, kpm, dout, lse, delta, row_l, dq, *common,
         Hq, L, S, P, Dv, group, causal_i, mask_i, scale, dropout_p, seed,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, VEC=vec, num_warps=w, num_stages=st)
 
+    bm, bn, w, st = _cfg("dkdv", DKDV_CONFIGS, q.dtype, bd)
+    n_seq = triton.cdiv(S, bn)
+    _attn_bwd_dkdv[(n_seq + triton.cdiv(P, bn), B * Hkv)](
+        q, k, v, pk, pv, pidx, kpm, dout, lse, delta, row_l, dk, dv, dpk_acc, dpv_acc, *common,
+        Hq, Hkv, L, S, P, Dv, group, n_seq, causal_i, mask_i, int(use_atomic),
+        scale, dropout_p, seed,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, VEC=vec, num_warps=w, num_stages=st)
     if Dp != D:
         dq, dk, dv = (x[..., :D].contiguous() for x in (dq, dk, dv))
     if prefix_k is None:

@@ -1,20 +1,27 @@
 """Triton kernels + launchers of the fused prefix MLP (backend interface: ``ops/prefix_mlp.py``).
 
-Two kernels cover the five GEMMs (fp32 accumulation, fp32 dots with ``input_precision="ieee"``):
+Two kernels cover the five GEMMs (fp32 accumulation; fp32 dots use ``input_precision="ieee"``):
 
 ``_mlp_mm_kernel``   C[M, N] = A[M, K] @ B[K, N] with a fused epilogue
     * forward GEMM1 (EPI=1): ``pre = x @ w1.T + b1`` -> store ``pre`` (saved) and ``act(pre)``;
-    * forward GEMM2 (EPI=0, C_SPLIT_N): ``act(pre) @ w2.T + b2`` stored straight into
-      ``out [G = L*2*Hkv, P, D]`` (column n -> ``out[n // D, p, n % D]``): no permute copy;
-    * backward dH (EPI=2, A_SPLIT_K): ``dpre = (dOut_flat @ w2) * act'(pre)`` where ``dOut_flat[p, n]``
-      is read from ``[G, P, D]`` by index math; the epilogue also writes ``act(pre)`` (recomputed) for dW2;
+    * forward GEMM2 (EPI=0): ``act(pre) @ w2.T + b2`` stored straight into ``out [G = L*2*Hkv, P, D]``
+      (column n = g*D + d -> ``out[g, p, d]``): each program owns a d-chunk of one group g, so the
+      store is contiguous and there is no permute copy;
+    * backward dH (EPI=2, A_SPLIT_K): ``dpre = (dOut_flat @ w2) * act'(pre)``, ``dOut_flat[p, g*D + d]``
+      read from the ``[G, P, D]`` gradient as (group, d-chunk) K-steps; the epilogue also writes the
+      recomputed ``act(pre)`` for dW2;
     * backward dx (EPI=0): ``dx = dpre @ w1``.
 ``_mlp_wgrad_kernel`` dW[M, N] = G[:, M]^T @ X (K = P) and, in the ``pid_n == 0`` column of programs,
-    ``db[M] = sum_p G[p, M]``: dW2/db2 (G = dOut, read from the ``[G, P, D]`` layout) and dW1/db1.
+    ``db[M] = sum_p G[p, M]``: dW2/db2 (G = dOut in the ``[G, P, D]`` layout) and dW1/db1.
+    Deterministic: no atomics anywhere.
 
 Saved memory: only the pre-activation ``[P, H1]`` (input dtype).  ``act(pre)`` is a
 temporary of each pass: written by GEMM1's epilogue for GEMM2, and recomputed by the dH
 epilogue for dW2.  For ``identity`` pre == act(pre) and one buffer serves both.
+
+The kernels hard-wire unit stride in every operand's last dim (launchers copy otherwise).
+ALIGNED (E, H1, D and all strides multiples of 8) lets the compiler prove 16-byte
+vectors (cp.async / wgmma pipelines); ragged sizes use the ALIGNED=False variant.
 """
 from __future__ import annotations
 
@@ -71,6 +78,19 @@ def _act_grad(x, ACT: tl.constexpr):
 
 
 @triton.jit
+def _cast(x, dst_ty: tl.constexpr, UPCAST: tl.constexpr):
+    """x.to(dst_ty); under UPCAST (interpreter, bf16) round to nearest even by hand, because the
+    interpreter's fp32 -> bf16 cast truncates (the GPU cast rounds to nearest even)."""
+    if UPCAST:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    else:
+        y = x.to(dst_ty)
+    return y
+
+
+@triton.jit
 def _mlp_mm_kernel(
     A, B, C, BIAS, PRE, AOUT,
     M, K, C_GROUPS, C_D, A_D,
@@ -99,8 +119,8 @@ def _mlp_mm_kernel(
         stride_b = (stride_b // 8) * 8
         stride_cm = (stride_cm // 8) * 8
         stride_cg = (stride_cg // 8) * 8
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(0)  # the many (group, d-chunk) tiles on the 2^31-wide axis
+    pid_m = tl.program_id(1)
     n_chunks = tl.cdiv(C_D, BLOCK_N)
     grp = pid_n // n_chunks
     offs_d = (pid_n - grp * n_chunks) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -158,21 +178,21 @@ def _mlp_mm_kernel(
         acc = acc + bias[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
     if EPI == 1:
-        pre = acc.to(C.dtype.element_ty).to(tl.float32)  # the rounded pre the backward will see
+        pre = _cast(acc, C.dtype.element_ty, UPCAST).to(tl.float32)  # the rounded pre the backward will see
         if ACT != 0:
-            tl.store(PRE + (offs_m[:, None] * (C_GROUPS * C_D) + offs_n[None, :]), pre.to(PRE.dtype.element_ty),
-                     mask=mask)
+            p_off = offs_m[:, None] * (C_GROUPS * C_D) + offs_n[None, :]
+            tl.store(PRE + p_off, _cast(pre, PRE.dtype.element_ty, UPCAST), mask=mask)
         res = _act(pre, ACT)
     elif EPI == 2:
         p_off = offs_m[:, None] * (C_GROUPS * C_D) + offs_n[None, :]
         pre = tl.load(PRE + p_off, mask=mask, other=0.0).to(tl.float32)
         res = acc * _act_grad(pre, ACT)
         if ACT != 0:
-            tl.store(AOUT + p_off, _act(pre, ACT).to(AOUT.dtype.element_ty), mask=mask)
+            tl.store(AOUT + p_off, _cast(_act(pre, ACT), AOUT.dtype.element_ty, UPCAST), mask=mask)
     else:
         res = acc
-    tl.store(C + (offs_m[:, None] * stride_cm + grp * stride_cg + offs_d[None, :]), res.to(C.dtype.element_ty),
-             mask=mask)
+    c_off = offs_m[:, None] * stride_cm + grp * stride_cg + offs_d[None, :]
+    tl.store(C + c_off, _cast(res, C.dtype.element_ty, UPCAST), mask=mask)
 
 
 @triton.jit
@@ -180,7 +200,7 @@ def _mlp_wgrad_kernel(
     G, X, DW, DB,
     N, K, G_D,
     stride_gk, stride_gg, stride_xk,
-    HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
+    WITH_DB: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr, ALIGNED: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """DW[m, n] = sum_k G[k, m] X[k, n] (row-major [M, N]);  DB[m] = sum_k G[k, m] (pid_n == 0).
@@ -222,9 +242,9 @@ def _mlp_wgrad_kernel(
             acc = tl.dot(a, b, acc)
         g_ptrs += BLOCK_K * stride_gk
         x_ptrs += BLOCK_K * stride_xk
-    tl.store(DW + (offs_m[:, None] * N + offs_n[None, :]), acc.to(DW.dtype.element_ty),
+    tl.store(DW + (offs_m[:, None] * N + offs_n[None, :]), _cast(acc, DW.dtype.element_ty, UPCAST),
              mask=mask_m[:, None] & mask_n[None, :])
-    if HAS_BIAS:
+    if WITH_DB:
         if pid_n == 0:  # a second, cheap pass over this program's G columns
             dsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
             for k0 in range(0, K, BLOCK_K):
@@ -232,7 +252,7 @@ def _mlp_wgrad_kernel(
                 a = tl.load(g_base + (offs_d[:, None] + kk[None, :] * stride_gk),
                             mask=mask_m[:, None] & (kk < K)[None, :], other=0.0)
                 dsum += tl.sum(a.to(tl.float32), axis=1)
-            tl.store(DB + offs_m, dsum.to(DB.dtype.element_ty), mask=mask_m)
+            tl.store(DB + offs_m, _cast(dsum, DB.dtype.element_ty, UPCAST), mask=mask_m)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -241,7 +261,7 @@ def _mlp_wgrad_kernel(
 # with 4 warps (one warpgroup -> wgmma on sm_90).  "out" tiles one head's D columns (64
 # divides the usual head dims); "dh" walks D-chunks of 32 along K and keeps a narrow tile for
 # its heavier epilogue.  fp32 (FMA dots, "ieee") and unaligned sizes (scalar loads, no
-# cp.async pipelining possible): one smaller config.
+# cp.async pipelining possible): one smaller config; fp32 + unaligned: BLOCK_K 16 (registers).
 _CFG_16 = {
     "hidden": (64, 128, 64, 4, 3),
     "out": (64, 64, 64, 4, 3),
@@ -250,10 +270,13 @@ _CFG_16 = {
     "wgrad": (64, 128, 64, 4, 3),
 }
 _CFG_SMALL = (64, 64, 32, 4, 2)
+_CFG_SMALL_FP32_UNALIGNED = (64, 64, 16, 4, 2)
 
 
 def _config(role: str, dtype: torch.dtype, aligned: bool):
-    return _CFG_16[role] if aligned and dtype != torch.float32 else _CFG_SMALL
+    if dtype == torch.float32:
+        return _CFG_SMALL if aligned else _CFG_SMALL_FP32_UNALIGNED
+    return _CFG_16[role] if aligned else _CFG_SMALL
 
 
 def _upcast(dtype: torch.dtype) -> bool:
@@ -269,7 +292,9 @@ def _rowmajor(t: Optional[Tensor]) -> Optional[Tensor]:
 def _mm(role, a, b, c, bias, pre, aout, M, K, c_groups, c_d, a_d, stride_am, stride_ag, stride_b, stride_cm,
         stride_cg, *, act, epi, a_split_k, b_kmajor, aligned):
     bm, bn, bk, warps, stages = _config(role, c.dtype, aligned)
-    grid = (triton.cdiv(M, bm), c_groups * triton.cdiv(c_d, bn))
+    if triton.cdiv(M, bm) > 65535:
+        raise ValueError(f"prefix_mlp (triton): P = {M} rows exceed the grid limit")
+    grid = (c_groups * triton.cdiv(c_d, bn), triton.cdiv(M, bm))
     _mlp_mm_kernel[grid](
         a, b, c, bias if bias is not None else c, pre if pre is not None else c, aout if aout is not None else c,
         M, K, c_groups, c_d, a_d, stride_am, stride_ag, stride_b, stride_cm, stride_cg,
@@ -280,13 +305,19 @@ def _mm(role, a, b, c, bias, pre, aout, M, K, c_groups, c_d, a_d, stride_am, str
 
 
 def _wgrad(g, groups, g_d, stride_gk, stride_gg, x, dw, db, N, K, aligned):
+    """Always computes db too (a scratch buffer when there is no bias): one compiled variant."""
     bm, bn, bk, warps, stages = _config("wgrad", dw.dtype, aligned)
     grid = (groups * triton.cdiv(g_d, bm), triton.cdiv(N, bn))
     _mlp_wgrad_kernel[grid](
-        g, x, dw, db if db is not None else dw, N, K, g_d, stride_gk, stride_gg, x.stride(0),
-        HAS_BIAS=db is not None, IEEE=dw.dtype == torch.float32, UPCAST=_upcast(dw.dtype), ALIGNED=aligned,
+        g, x, dw, db, N, K, g_d, stride_gk, stride_gg, x.stride(0),
+        WITH_DB=True, IEEE=dw.dtype == torch.float32, UPCAST=_upcast(dw.dtype), ALIGNED=aligned,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
     )
+
+
+def _empty(shape, like: Tensor) -> Tensor:
+    """Every buffer the launchers allocate (tests patch this to poison them with NaN)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device)
 
 
 def _aligned(*ints) -> bool:
@@ -315,11 +346,14 @@ def mlp_forward(
     G = num_layers * 2 * num_kv_heads
     act = ACT_IDS[activation]
     al = _aligned(E, H1, D, x.stride(0), w1.stride(0), w2.stride(0))
-    hidden = torch.empty((P, H1), dtype=x.dtype, device=x.device)
-    pre = hidden if act == 0 else torch.empty_like(hidden)
+    # a missing bias is a zero vector: one compiled variant per kernel instead of two
+    b1 = b1 if b1 is not None else torch.zeros((H1,), dtype=x.dtype, device=x.device)
+    b2 = b2 if b2 is not None else torch.zeros((G * D,), dtype=x.dtype, device=x.device)
+    hidden = _empty((P, H1), x)
+    pre = hidden if act == 0 else _empty((P, H1), x)
     _mm("hidden", x, w1, hidden, b1, pre, None, P, E, 1, H1, 1, x.stride(0), 0, w1.stride(0), H1, 0,
         act=act, epi=1, a_split_k=False, b_kmajor=True, aligned=al)
-    out = torch.empty((G, P, D), dtype=x.dtype, device=x.device)
+    out = _empty((G, P, D), x)
     _check_int32(out)
     _mm("out", hidden, w2, out, b2, None, None, P, H1, G, D, 1, H1, 0, w2.stride(0), D, P * D,
         act=0, epi=0, a_split_k=False, b_kmajor=True, aligned=al)
@@ -353,20 +387,20 @@ def mlp_backward(
     sg, sp = g.stride(0), g.stride(1)
     al = _aligned(E, H1, D, sg, sp, x.stride(0), w1.stride(0), w2.stride(0))
     # dpre = (dOut_flat @ w2) * act'(pre); the epilogue also rewrites hidden = act(pre) for dW2
-    dpre = torch.empty((P, H1), dtype=x.dtype, device=x.device)
-    hidden = pre if act == 0 else torch.empty_like(dpre)
+    dpre = _empty((P, H1), x)
+    hidden = pre if act == 0 else _empty((P, H1), x)
     _mm("dh", g, w2, dpre, None, pre, hidden, P, N, 1, H1, D, sp, sg, w2.stride(0), H1, 0,
         act=act, epi=2, a_split_k=True, b_kmajor=False, aligned=al)
-    dw2 = torch.empty((N, H1), dtype=w2.dtype, device=w2.device)
-    db2 = torch.empty((N,), dtype=w2.dtype, device=w2.device) if has_b2 else None
+    dw2 = _empty((N, H1), w2)
+    db2 = _empty((N,), w2)
     _wgrad(g, G, D, sp, sg, hidden, dw2, db2, H1, P, al)
-    dw1 = torch.empty((H1, E), dtype=w1.dtype, device=w1.device)
-    db1 = torch.empty((H1,), dtype=w1.dtype, device=w1.device) if b1 is not None else None
+    dw1 = _empty((H1, E), w1)
+    db1 = _empty((H1,), w1)
     _wgrad(dpre, 1, H1, H1, 0, x, dw1, db1, E, P, al)
-    dx = torch.empty((P, E), dtype=x.dtype, device=x.device)
+    dx = _empty((P, E), x)
     _mm("dx", dpre, w1, dx, None, None, None, P, H1, 1, E, 1, H1, 0, w1.stride(0), E, 0,
         act=0, epi=0, a_split_k=False, b_kmajor=False, aligned=al)
-    return dx, dw1, db1, dw2, db2
+    return dx, dw1, (db1 if b1 is not None else None), dw2, (db2 if has_b2 else None)
 
 
 # ----------------------------------------------------------------------------- AOT
@@ -391,14 +425,11 @@ def aot_specs() -> list[KernelSpec]:
                                               "stride_b", "stride_cm", "stride_cg")})
             variants = []  # (name, role, constexprs)
             for aname, aid in ACT_IDS.items():
-                for bias in (False, True):
-                    variants.append((f"hidden[{aname},bias={int(bias)}]", "hidden",
-                                     dict(ACT=aid, EPI=1, HAS_BIAS=bias, A_SPLIT_K=False, B_KMAJOR=True)))
+                variants.append((f"hidden[{aname}]", "hidden",
+                                 dict(ACT=aid, EPI=1, HAS_BIAS=True, A_SPLIT_K=False, B_KMAJOR=True)))
                 variants.append((f"dhidden[{aname}]", "dh",
                                  dict(ACT=aid, EPI=2, HAS_BIAS=False, A_SPLIT_K=True, B_KMAJOR=False)))
-            for bias in (False, True):
-                variants.append((f"out[bias={int(bias)}]", "out",
-                                 dict(ACT=0, EPI=0, HAS_BIAS=bias, A_SPLIT_K=False, B_KMAJOR=True)))
+            variants.append(("out", "out", dict(ACT=0, EPI=0, HAS_BIAS=True, A_SPLIT_K=False, B_KMAJOR=True)))
             variants.append(("dx", "dx", dict(ACT=0, EPI=0, HAS_BIAS=False, A_SPLIT_K=False, B_KMAJOR=False)))
             for name, role, cx in variants:
                 bm, bn, bk, warps, stages = _config(role, dtype, aligned)
@@ -408,8 +439,7 @@ def aot_specs() -> list[KernelSpec]:
             wg_sig = {n: f"*{ty}" for n in ("G", "X", "DW", "DB")}
             wg_sig.update({n: "i32" for n in ("N", "K", "G_D", "stride_gk", "stride_gg", "stride_xk")})
             bm, bn, bk, warps, stages = _config("wgrad", dtype, aligned)
-            for bias in (False, True):
-                specs.append(KernelSpec(f"prefix_mlp_wgrad[bias={int(bias)}][{tag}]", _mlp_wgrad_kernel, wg_sig,
-                                        {"HAS_BIAS": bias, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
-                                        num_warps=warps, num_stages=stages, expect_wgmma=wg))
+            specs.append(KernelSpec(f"prefix_mlp_wgrad[{tag}]", _mlp_wgrad_kernel, wg_sig,
+                                    {"WITH_DB": True, **flags, "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk},
+                                    num_warps=warps, num_stages=stages, expect_wgmma=wg))
     return specs

@@ -42,6 +42,7 @@ def _families():
             initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0)), TaskType.CAUSAL_LM),
         "llama": _causal(T.LlamaConfig, T.LlamaForCausalLM, **_llama_kw()),
         "qwen3": _causal(T.Qwen3Config, T.Qwen3ForCausalLM, **_llama_kw(head_dim=16)),
+        "qwen2": _causal(T.Qwen2Config, T.Qwen2ForCausalLM, **_llama_kw()),
         "mistral": _causal(T.MistralConfig, T.MistralForCausalLM, **_llama_kw(sliding_window=4096)),
         "gemma": _causal(T.GemmaConfig, T.GemmaForCausalLM, **_llama_kw(head_dim=16, num_key_value_heads=1)),
     }

@@ -133,3 +133,38 @@ def test_sliding_window_shorter_than_sequence_is_refused_not_wrong():
     apply(model, backend="torch")
     with pytest.raises(NotImplementedError, match="sliding window"):
         model(**batch_for(model))
+
+
+def test_prefix_mlp_runs_once_per_forward_and_once_per_generate(monkeypatch):
+    import softprompt_kernels.ops.torch_mlp as torch_mlp
+
+    calls = []
+    real = torch_mlp.mlp_forward
+    monkeypatch.setattr(torch_mlp, "mlp_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    model = build("llama", prefix_projection=True)
+    apply(model, backend="torch")
+    batch = batch_for(model, B=4)
+    model(**batch)
+    assert calls == [(P, model.active_peft_config.token_dim)]  # P rows, not B*P
+    calls.clear()
+    model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=3,
+                   do_sample=False, pad_token_id=0, num_beams=2)
+    assert len(calls) == 1
+
+
+def test_forward_signature_is_kept_and_deepcopy_works():
+    import copy
+    import inspect
+
+    model = build("gpt2", prefix_projection=False)
+    stock_sig = inspect.signature(model.forward)
+    apply(model, backend="torch")
+    assert inspect.signature(model.forward) == stock_sig  # Trainer's remove_unused_columns reads it
+    batch = batch_for(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        a = model(**batch).logits
+        torch.testing.assert_close(twin(**batch).logits, a, atol=0, rtol=0)
+        twin.prompt_encoder["default"].embedding.weight.add_(1.0)  # the copy uses its own prefix
+        assert (twin(**batch).logits - a).abs().max() > 1e-3
+        torch.testing.assert_close(model(**batch).logits, a, atol=0, rtol=0)

@@ -269,11 +269,13 @@ std::tuple<Tensor, Tensor> mlp_fwd(const Tensor& x, const Tensor& w1, const std:
   const DType dt = dtype_of(x);
   const int64_t P = x.size(0), H1 = w1.size(0);
   Tensor b1c, b2c;
-  Tensor h_lin = at::matmul(x, w1.t()).contiguous();  // cuBLAS
+  // GEMM 1 in cuBLAS with a float32 result, so that the bias epilogue rounds the pre-activation
+  // once (as nn.Linear does); a second rounding would flip relu's derivative near 0.
+  Tensor h_lin = at::matmul(x.to(at::kFloat), w1.to(at::kFloat).t()).contiguous();
   Tensor pre = new_output({P, H1}, x.options());
   Tensor h = new_output({P, H1}, x.options());
-  check_cuda(launch_mlp_bias_act(h_lin.data_ptr(), opt_ptr(b1, b1c), pre.data_ptr(), h.data_ptr(), (int)P, (int)H1,
-                                 (int)act, dt, stream),
+  check_cuda(launch_mlp_bias_act(h_lin.data_ptr(), true, opt_ptr(b1, b1c), pre.data_ptr(), h.data_ptr(), (int)P,
+                                 (int)H1, (int)act, dt, stream),
              "mlp_bias_act");
   Tensor y = at::matmul(h, w2.t()).contiguous();  // cuBLAS, [P, N]
   Tensor out = new_output({num_layers, 2, num_kv_heads, P, head_dim}, x.options());
@@ -305,7 +307,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& dout, c
                                       (int)num_layers, (int)num_kv_heads, (int)head_dim, dt, stream),
              "mlp_layout_gather");
   Tensor h = new_output({P, H1}, x.options());  // recomputed from the saved pre-activation
-  check_cuda(launch_mlp_bias_act(pre_c.data_ptr(), nullptr, nullptr, h.data_ptr(), (int)P, (int)H1, (int)act, dt,
+  check_cuda(launch_mlp_bias_act(pre_c.data_ptr(), false, nullptr, nullptr, h.data_ptr(), (int)P, (int)H1, (int)act, dt,
                                  stream),
              "mlp_bias_act");
   Tensor dw2 = at::matmul(dy.t(), h);

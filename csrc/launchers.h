@@ -37,8 +37,9 @@ cudaError_t launch_prefix_grad_reduce(const float* partial, const int64_t* index
 
 // ---- prefix MLP (activation codes: 0 identity, 1 tanh, 2 relu, 3 gelu (erf))
 // y[p, c] = act(x[p, c] + bias[c]) for x [rows, cols] contiguous; pre (optional) gets x + bias.
-cudaError_t launch_mlp_bias_act(const void* x, const void* bias, void* pre, void* y, int rows,
-                                int cols, int act, DType dt, cudaStream_t stream);
+// x is float32 when x_fp32 (the GEMM output), else of dtype dt; bias, pre, y are of dtype dt.
+cudaError_t launch_mlp_bias_act(const void* x, bool x_fp32, const void* bias, void* pre, void* y,
+                                int rows, int cols, int act, DType dt, cudaStream_t stream);
 // out[l, kv, h, p, d] = y[p, c] + bias[c], c = ((l*2+kv)*Hkv+h)*D + d; y [P, NL*2*Hkv*D] contiguous.
 cudaError_t launch_mlp_layout_store(const void* y, const void* bias, void* out, int P,
                                     int num_layers, int Hkv, int D, DType dt, cudaStream_t stream);

@@ -1,6 +1,7 @@
 // Elementwise / epilogue kernels of the fused prefix MLP.  The GEMMs themselves run in cuBLAS
 // through ATen (binding.cpp); these kernels fuse what sits around them:
-//   fwd:  bias + activation after GEMM 1 (also writes the pre-activation saved for backward),
+//   fwd:  bias + activation after GEMM 1 (its float32 output; also writes the pre-activation
+//         saved for backward, rounded once as nn.Linear rounds it),
 //         bias + store into the [num_layers, 2, Hkv, P, D] layout after GEMM 2;
 //   bwd:  gather of dOut back to [P, N] fused with the db2 column sum, and
 //         dH * act'(pre) fused with the db1 column sum.
@@ -15,8 +16,10 @@ namespace spk {
 
 constexpr int kMlpThreads = 256;
 
-template <typename T>
-__global__ void __launch_bounds__(kMlpThreads) mlp_bias_act_kernel(const T* __restrict__ x, const T* __restrict__ bias,
+// TIn: float for the float32 output of GEMM 1 (one rounding to T, as nn.Linear), or T when
+// the backward recomputes act(pre) from the saved pre-activation.
+template <typename TIn, typename T>
+__global__ void __launch_bounds__(kMlpThreads) mlp_bias_act_kernel(const TIn* __restrict__ x, const T* __restrict__ bias,
                                                                    T* __restrict__ pre, T* __restrict__ y,
                                                                    int64_t n, int cols, int act) {
   for (int64_t e = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; e < n; e += (int64_t)gridDim.x * blockDim.x) {
@@ -88,14 +91,23 @@ static unsigned grid_for(int64_t n) {
     default: return cudaErrorInvalidValue;                            \
   }
 
-cudaError_t launch_mlp_bias_act(const void* x, const void* bias, void* pre, void* y, int rows, int cols, int act,
-                                DType dt, cudaStream_t stream) {
+template <typename TIn, typename T>
+static void run_bias_act(const void* x, const void* bias, void* pre, void* y, int64_t n, int cols, int act,
+                         cudaStream_t stream) {
+  auto kernel = mlp_bias_act_kernel<TIn, T>;
+  SPK_LAUNCH(kernel, grid_for(n), kMlpThreads, 0, stream, static_cast<const TIn*>(x), static_cast<const T*>(bias),
+             static_cast<T*>(pre), static_cast<T*>(y), n, cols, act);
+}
+
+cudaError_t launch_mlp_bias_act(const void* x, bool x_fp32, const void* bias, void* pre, void* y, int rows, int cols,
+                                int act, DType dt, cudaStream_t stream) {
   const int64_t n = (int64_t)rows * cols;
   if (n == 0) return cudaSuccess;
-  SPK_DTYPE_SWITCH(dt, T,
-                   SPK_LAUNCH(mlp_bias_act_kernel<T>, grid_for(n), kMlpThreads, 0, stream, 
-                       static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(pre),
-                       static_cast<T*>(y), n, cols, act));
+  if (x_fp32) {
+    SPK_DTYPE_SWITCH(dt, T, run_bias_act<float, T>(x, bias, pre, y, n, cols, act, stream));
+  } else {
+    SPK_DTYPE_SWITCH(dt, T, run_bias_act<T, T>(x, bias, pre, y, n, cols, act, stream));
+  }
   return cudaGetLastError();
 }
 

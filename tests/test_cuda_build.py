@@ -85,6 +85,9 @@ def _pretty(mangled: str) -> str:
         return mangled
     name, targs = m.group(1), m.group(2)
     dt = next((v for k, v in DTYPES.items() if targs.startswith(k)), "?")
+    if name == "mlp_bias_act_kernel":  # <input type, storage type>
+        rest = targs[len(next((k for k in DTYPES if targs.startswith(k)), "")):]
+        dt += "->" + next((v for k, v in DTYPES.items() if rest.startswith(k)), dt)
     d = re.search(r"Li(\d+)E", targs)
     stats = ", stats" if "Lb1E" in targs else ""
     return f"{name}<{dt}{', D=' + d.group(1) if d else ''}{stats}>"
@@ -134,7 +137,10 @@ def test_every_instantiation_is_compiled_for_both_archs(ptxas_report):
                     assert any(want in k for k in kernels), f"missing {kind}<{DTYPES[dt]}, D={d}> for {arch}"
         for d in HEAD_DIMS:  # the exact row-statistics pass of float32 backward
             assert any(f"prefix_attn_bwd_dq_kernelIfLi{d}ELb1E" in k for k in kernels), f"missing dq stats D={d}"
-        for kind in ("prefix_attn_bwd_delta_kernel", "prefix_grad_reduce_kernel", "mlp_bias_act_kernel",
+        for want in ("mlp_bias_act_kernelIffE", "mlp_bias_act_kernelIf6__halfE", "mlp_bias_act_kernelIf13__nv_bfloat16E",
+                     "mlp_bias_act_kernelI6__halfS1_E", "mlp_bias_act_kernelI13__nv_bfloat16S1_E"):
+            assert any(want in k for k in kernels), f"missing {want} for {arch}"
+        for kind in ("prefix_attn_bwd_delta_kernel", "prefix_grad_reduce_kernel",
                      "mlp_layout_store_kernel", "mlp_layout_gather_kernel", "mlp_act_bwd_kernel"):
             for dt in DTYPES:
                 assert any(f"{kind}I{dt}E" in k for k in kernels), f"missing {kind}<{DTYPES[dt]}> for {arch}"

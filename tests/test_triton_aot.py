@@ -8,7 +8,8 @@ by kernel source, options and Triton version, so a hit returns the same binary);
 a side-by-side Triton 3.6 (the fleet GPU image's version; ``pip install --no-deps --target
 .triton36 triton==3.6.0``) the compile tests also run under it; there the shipped kernels are
 compiled as the representative subset (first and last spec of every kernel function, see
-``aot.representative``) unless ``SPK_AOT_FULL_TRITON36=1``.
+``aot.representative``) unless ``SPK_AOT_FULL_TRITON36=1``.  ``SPK_AOT_TIMEOUT`` (seconds,
+default 900) bounds each driver run.
 """
 import os
 from pathlib import Path
@@ -164,7 +165,8 @@ def test_shipped_kernels_compile_without_spills(pythonpath, tmp_path):
     """Every spec of every kernel module compiles for sm_80 and sm_90, no spills, wgmma where expected."""
     subset = "representative" if pythonpath and os.environ.get("SPK_AOT_FULL_TRITON36") != "1" else "all"
     results, proc = aot.run_subprocess(EXPECTED_KERNEL_MODULES, (80, 90), cache_dir=_cache_dir(tmp_path),
-                                       subset=subset, pythonpath=list(pythonpath), timeout=900)
+                                       subset=subset, pythonpath=list(pythonpath),
+                                       timeout=float(os.environ.get("SPK_AOT_TIMEOUT", "900")))
     print(aot.format_table(results))
     print(proc.stdout.splitlines()[-1] if proc.stdout else proc.stderr[-2000:])
     problems = [f"{r['module']} {r['name']} sm_{r['arch']}: {r['error']}" for r in results if r["error"]]

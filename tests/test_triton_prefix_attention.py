@@ -54,12 +54,12 @@ def make_case(seed, dtype, *, D=None, P=None, L=None, S=None, causal=None, mask=
               fully_masked=False, group=None, Hkv=None, B=None):
     rng = np.random.default_rng(seed)
     B = B if B is not None else int(rng.integers(1, 4))
-    Hkv = Hkv if Hkv is not None else int(rng.choice([1, 2, 3]))
+    Hkv = Hkv if Hkv is not None else int(rng.choice([1, 2]))
     group = group if group is not None else int(rng.choice([1, 2, 3]))
     Hq = Hkv * group
-    L = L if L is not None else int(rng.integers(1, 48))
-    S = S if S is not None else L + int(rng.choice([0, int(rng.integers(1, 30))]))
-    P = P if P is not None else int(rng.choice([0, 1, int(rng.integers(2, 80))]))
+    L = L if L is not None else int(rng.integers(1, 40))
+    S = S if S is not None else L + int(rng.choice([0, int(rng.integers(1, 25))]))
+    P = P if P is not None else int(rng.choice([0, 1, int(rng.integers(2, 70))]))
     D = D if D is not None else int(rng.choice(HEAD_DIMS))
     causal = bool(rng.integers(0, 2)) if causal is None else causal
     use_mask = bool(rng.integers(0, 2)) if mask is None else mask

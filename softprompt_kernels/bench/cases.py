@@ -72,8 +72,8 @@ MLP_FULL = [
     MlpCase("llm", "LLM, GQA (prefix for 8 kv heads)", 1, 64, 1024, 512, 32, 8, 128),
 ]
 
-_QUICK_ATTENTION = ("t2t", "t2t-var", "cls", "seqlab", "gpt2s", "gpt2s-drop", "gpt2s-var", "summ", "llm")
-_QUICK_MLP = ("t2t", "cls", "gpt2s", "summ", "llm")
+_QUICK_ATTENTION = ("t2t", "cls", "gpt2s", "gpt2s-drop", "gpt2s-var", "summ", "llm")
+_QUICK_MLP = ("t2t", "gpt2s", "summ", "llm")
 
 
 def _cpu_sized(c: AttentionCase) -> AttentionCase:

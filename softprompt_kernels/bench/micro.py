@@ -7,8 +7,11 @@ and call ``F.scaled_dot_product_attention`` with a bool mask ``[B, 1, L, P + S]`
 The expand + cat run inside the timed call (they happen per layer per step); the
 mask is built once outside it (transformers builds it once per forward and shares
 it between layers).  GQA runs with ``enable_gqa=True``.
-FlexAttention (``torch.nn.attention.flex_attention``) is measured only on CUDA; on a
-CPU its rows say why they are absent.
+On CUDA two more baselines run when available (forward + backward, each guarded: a
+failure becomes a note, never a number): compiled FlexAttention on the concatenated
+K/V with a block mask, and flash-attn's ``flash_attn_func`` on the concatenated K/V
+(its causal mask is bottom-right aligned, which is exactly prefix attention's rule;
+padded cases are skipped for it).  On a CPU these rows are absent and the run says why.
 
 MLP baseline: PEFT's ``PrefixEncoder`` on the batch-expanded prompt tokens ``[B, P]``
 (as ``PeftModel.get_prompt``), output viewed as PEFT does; the backward gets a
@@ -153,6 +156,28 @@ def mlp_callables(c: MlpCase, device: str, dtype: torch.dtype, backend: str, bac
     return ours, baseline
 
 
+def check_mlp_equal(c: MlpCase, device: str, dtype: torch.dtype, backend: str) -> float:
+    """Max |prefix_mlp - PEFT's per-row prefix| over every batch row (same weights)."""
+    from peft import PrefixTuningConfig, TaskType
+    from peft.tuners.prefix_tuning.model import PrefixEncoder as PeftPrefixEncoder
+
+    from ..ops.prefix_mlp import prefix_mlp
+
+    cfg = PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=c.P, token_dim=c.E,
+                             num_layers=c.num_layers, num_attention_heads=c.Hkv, prefix_projection=True,
+                             encoder_hidden_size=c.mid, num_transformer_submodules=1)
+    torch.manual_seed(0)
+    enc = PeftPrefixEncoder(cfg).to(device=device, dtype=dtype)
+    lin1, _, lin2 = enc.transform
+    with torch.no_grad():
+        tokens = torch.arange(c.P, device=device).unsqueeze(0).expand(c.B, -1)
+        peft_kv = enc(tokens).view(c.B, c.P, c.num_layers, 2, c.Hkv, c.D).permute(0, 2, 3, 4, 1, 5)
+        ours = prefix_mlp(enc.embedding.weight, lin1.weight, lin1.bias, lin2.weight, lin2.bias,
+                          num_layers=c.num_layers, num_kv_heads=c.Hkv, head_dim=c.D, activation="tanh",
+                          backend=backend)
+    return float((peft_kv.float() - ours.float()[None]).abs().max())
+
+
 def measure_pair(suite: str, case_name: str, shape: str, baseline_name: str, ours: Callable, baseline: Callable,
                  *, device: str, warmup: int, repeat: int, note: str = "") -> Row:
     """Times both callables alternately (ours, baseline, ours, ...) and measures one peak of each."""
@@ -188,6 +213,83 @@ def mlp_rows(c: MlpCase, *, device: str, dtype: torch.dtype, backend: str, warmu
         suite = "prefix_mlp fwd+bwd" if bwd else "prefix_mlp fwd"
         rows.append(measure_pair(suite, c.name, c.shape, "PEFT PrefixEncoder on [B, P] tokens", ours, base,
                                  device=device, warmup=warmup, repeat=repeat, note=c.workload))
+    return rows
+
+
+def _flex_callable(c: AttentionCase, t: dict, leaves, backward: bool, compiled: bool = True, result=None):
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, L, P = c.B, c.L, c.P
+    kpm = t["mask"]
+
+    def mask_mod(b, h, i, j):  # combined column j: prefix for j < P, sequence column j - P otherwise
+        seq = j - P
+        ok = (seq <= i) if c.causal else (j >= 0)
+        if kpm is not None:
+            ok = ok & kpm[b, seq.clamp(min=0)]
+        return (j < P) | ok
+
+    block = create_block_mask(mask_mod, B if kpm is not None else None, None, L, P + L, device=t["q"].device)
+    flex = torch.compile(flex_attention) if compiled else flex_attention
+    q, k, v, pk, pv = leaves
+    dout = t["dout"]
+
+    def run():
+        kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2)
+        vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2)
+        out = flex(q, kk, vv, block_mask=block, enable_gqa=c.Hq != c.Hkv)
+        if result is not None:
+            result.append(out)
+        if backward:
+            torch.autograd.grad(out, leaves, dout)
+    return run
+
+
+def _flash_attn_callable(c: AttentionCase, t: dict, leaves, backward: bool):
+    from flash_attn import flash_attn_func
+
+    if c.padded or c.dropout:
+        raise NotImplementedError("flash-attn baseline: padded / dropout cases not measured")
+    q, k, v, pk, pv = leaves
+    B = c.B
+    dout = t["dout"]
+
+    def run():
+        kk = torch.cat([pk.unsqueeze(0).expand(B, -1, -1, -1), k], dim=2).transpose(1, 2)
+        vv = torch.cat([pv.unsqueeze(0).expand(B, -1, -1, -1), v], dim=2).transpose(1, 2)
+        out = flash_attn_func(q.transpose(1, 2), kk, vv, causal=c.causal)  # bottom-right aligned
+        if backward:
+            torch.autograd.grad(out, leaves, dout.transpose(1, 2))
+    return run
+
+
+def gpu_baseline_rows(c: AttentionCase, *, device: str, dtype: torch.dtype, backend: str, warmup: int,
+                      repeat: int) -> list[Row]:
+    """FlexAttention and flash-attn baselines (CUDA only); a failure becomes a row with a note."""
+    from ..ops.prefix_attention import prefix_attention
+
+    rows = []
+    for label, make in (("FlexAttention (compiled) on cat'ed K/V", _flex_callable),
+                        ("flash-attn on cat'ed K/V", _flash_attn_callable)):
+        for bwd in (False, True):
+            suite = "attention fwd+bwd" if bwd else "attention fwd"
+            t = attention_inputs(c, device, dtype)
+            leaves = [t[n].requires_grad_(bwd) for n in ("q", "k", "v", "pk", "pv")]
+            try:
+                base = make(c, t, leaves, bwd)
+
+                def ours(leaves=leaves, t=t, bwd=bwd):
+                    out = prefix_attention(*leaves, causal=c.causal, key_padding_mask=t["mask"],
+                                           dropout_p=c.dropout, backend=backend)
+                    if bwd:
+                        torch.autograd.grad(out, leaves, t["dout"])
+                if not bwd:
+                    ours, base = _no_grad(ours), _no_grad(base)
+                rows.append(measure_pair(suite, c.name, c.shape, label, ours, base, device=device,
+                                         warmup=max(warmup, 2), repeat=repeat, note=f"vs {label}"))
+            except Exception as e:  # noqa: BLE001 - optional baseline
+                rows.append(Row(suite, c.name, c.shape, None, None, label,
+                                note=f"{label} not measured: {type(e).__name__}: {str(e)[:120]}"))
     return rows
 
 

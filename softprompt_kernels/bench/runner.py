@@ -146,6 +146,9 @@ def main(argv: Optional[list] = None) -> int:
             bar.set_postfix_str(f"attention {c.name}")
             rows += micro.attention_rows(c, device=device, dtype=dtype, backend=backend,
                                          warmup=args.warmup, repeat=repeat)
+            if device == "cuda":
+                rows += micro.gpu_baseline_rows(c, device=device, dtype=dtype, backend=backend,
+                                                warmup=args.warmup, repeat=repeat)
             bar.update(1)
         for c in mlp:
             bar.set_postfix_str(f"prefix_mlp {c.name}")

@@ -37,11 +37,11 @@ import argparse
 import concurrent.futures as cf
 import importlib
 import json
-import math
 import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -477,7 +477,16 @@ def run_subprocess(modules: Optional[Iterable[str]] = None, archs: Iterable[int]
             cmd += ["--filter", name_filter]
         for m in modules or ():
             cmd += ["--module", m]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        # own process group, so that a timeout also ends the pool's worker processes
+        with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              start_new_session=True) as popen:
+            try:
+                stdout, stderr = popen.communicate(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                popen.communicate()
+                raise
+        proc = subprocess.CompletedProcess(cmd, popen.returncode, stdout, stderr)
         if not os.path.exists(out):
             raise RuntimeError(f"AOT driver wrote no results (rc={proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
         with open(out) as f:

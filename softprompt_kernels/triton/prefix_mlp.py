@@ -260,8 +260,9 @@ def _mlp_wgrad_kernel(
 # role -> (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages).  16-bit, aligned: 64-row tiles
 # with 4 warps (one warpgroup -> wgmma on sm_90).  "out" tiles one head's D columns (64
 # divides the usual head dims); "dh" walks D-chunks of 32 along K and keeps a narrow tile for
-# its heavier epilogue.  fp32 (FMA dots, "ieee") and unaligned sizes (scalar loads, no
-# cp.async pipelining possible): one smaller config; fp32 + unaligned: BLOCK_K 16 (registers).
+# its heavier epilogue.  fp32 (FMA dots, "ieee"): one config.  Unaligned sizes (scalar loads,
+# no cp.async pipelining possible): short K steps, 8 warps, no prefetch stage, which keeps
+# every variant well under 255 registers on Triton 3.6 and 3.9.
 _CFG_16 = {
     "hidden": (64, 128, 64, 4, 3),
     "out": (64, 64, 64, 4, 3),
@@ -269,14 +270,14 @@ _CFG_16 = {
     "dx": (64, 128, 64, 4, 3),
     "wgrad": (64, 128, 64, 4, 3),
 }
-_CFG_SMALL = (64, 64, 32, 4, 2)
-_CFG_SMALL_FP32_UNALIGNED = (64, 64, 16, 4, 2)
+_CFG_FP32 = (64, 64, 32, 4, 2)
+_CFG_UNALIGNED = (64, 64, 16, 8, 1)
 
 
 def _config(role: str, dtype: torch.dtype, aligned: bool):
-    if dtype == torch.float32:
-        return _CFG_SMALL if aligned else _CFG_SMALL_FP32_UNALIGNED
-    return _CFG_16[role] if aligned else _CFG_SMALL
+    if not aligned:
+        return _CFG_UNALIGNED
+    return _CFG_FP32 if dtype == torch.float32 else _CFG_16[role]
 
 
 def _upcast(dtype: torch.dtype) -> bool:

@@ -1,0 +1,172 @@
+"""Smoke tests of the benchmark machinery (softprompt_kernels.bench): measurement, baselines,
+the experimental CPU attention backend, table/JSON/PNG output, target verdicts, the runner."""
+import json
+import os
+
+import pytest
+import torch
+
+from softprompt_kernels.bench import cases, e2e, micro, runner
+from softprompt_kernels.bench.measure import peak_memory, time_call
+from softprompt_kernels.bench.results import Row, table_lines, write_json, write_plot
+from softprompt_kernels.ops import prefix_attention as op
+from softprompt_kernels.ops.prefix_attention import prefix_attention
+from softprompt_kernels.reference import prefix_attention_reference
+from softprompt_kernels.testing import compare
+
+TINY_ATT = cases.AttentionCase("tiny", "tiny", 3, 4, 2, 19, 7, 16, True, padded=True)
+TINY_MLP = cases.MlpCase("tiny", "tiny", 3, 5, 24, 16, 2, 3, 8)
+
+
+def test_time_call_counts_and_peak_memory_sees_allocations():
+    calls = []
+    times = time_call(lambda: calls.append(1), warmup=2, repeat=3)
+    assert len(times) == 3 and len(calls) == 5 and all(t >= 0 for t in times)
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("no /proc/self/clear_refs: CPU peak memory is not measured here")
+    big = peak_memory(lambda: torch.ones(64 * 2**20 // 4).sum())  # 64 MiB, touched
+    small = peak_memory(lambda: torch.ones(16).sum())
+    assert big >= 56 * 2**20, big
+    assert small < 16 * 2**20, small
+
+
+def test_baselines_compute_the_same_numbers():
+    assert micro.check_attention_equal(TINY_ATT, "cpu", torch.float32, "torch") < 1e-5
+    gqa_nc = cases.AttentionCase("t", "t", 2, 6, 3, 13, 4, 8, False, padded=True)
+    assert micro.check_attention_equal(gqa_nc, "cpu", torch.float32, "torch") < 1e-5
+    assert micro.check_mlp_equal(TINY_MLP, "cpu", torch.float32, "torch") < 1e-5
+
+
+@pytest.mark.parametrize("backward", [False, True])
+def test_micro_rows(backward):
+    ours, base = micro.attention_callables(TINY_ATT, "cpu", torch.float32, "torch", backward)
+    row = micro.measure_pair("attention", "tiny", TINY_ATT.shape, "sdpa", ours, base, device="cpu", warmup=1, repeat=2)
+    assert row.ours_s > 0 and row.baseline_s > 0 and row.ratio == pytest.approx(row.baseline_s / row.ours_s)
+    rows = micro.mlp_rows(TINY_MLP, device="cpu", dtype=torch.float32, backend="torch", warmup=0, repeat=1)
+    assert [r.suite for r in rows] == ["prefix_mlp fwd", "prefix_mlp fwd+bwd"]
+
+
+# (B, Hq, Hkv, L, P, D, causal, padded, prefix form); ragged sizes on purpose
+EXPERIMENTAL_CASES = [
+    (2, 4, 2, 37, 11, 64, True, False, "shared"),
+    (3, 6, 2, 29, 7, 80, True, True, "shared"),
+    (3, 4, 4, 23, 9, 96, False, True, "per-row"),
+    (4, 4, 1, 17, 5, 112, True, True, "multi-task"),
+    (2, 4, 4, 33, 0, 64, False, True, "none"),
+]
+
+
+def _experimental_case(case, dtype):
+    B, Hq, Hkv, L, P, D, causal, padded, form = case
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    q, k, v = rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)
+    T = {"shared": 1, "per-row": B, "multi-task": 2, "none": 0}[form]
+    idx = {"shared": torch.zeros(B, dtype=torch.long), "per-row": torch.arange(B),
+           "multi-task": torch.tensor([1, 0, 1, 1][:B]), "none": None}[form]
+    pk, pv = (rnd(T, Hkv, P, D), rnd(T, Hkv, P, D)) if T else (None, None)
+    mask = None
+    if padded:
+        mask = torch.rand(B, L, generator=g) > 0.3
+        mask[:, -1] = True
+        if form == "none":
+            mask[1] = False  # a row that sees nothing: zeros, never NaN
+    out = prefix_attention(q, k, v, pk, pv, prefix_index=None if form in ("shared", "none") else idx,
+                           causal=causal, key_padding_mask=mask, backend="torch") if form != "shared" else \
+        prefix_attention(q, k, v, pk[0], pv[0], causal=causal, key_padding_mask=mask, backend="torch")
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    leaves = [t for t in (q, k, v, pk, pv) if t is not None]
+    got = [out, *torch.autograd.grad(out, leaves, dout)]
+
+    def ref(cast):
+        ls = [t.detach().to(cast).requires_grad_() for t in leaves]
+        pkk, pvv = (ls[3], ls[4]) if T else (None, None)
+        o, _ = prefix_attention_reference(ls[0], ls[1], ls[2], pkk, pvv, idx if T else None, mask, causal=causal)
+        return [o, *torch.autograd.grad(o, ls, dout.to(cast))]
+
+    return got, ref(dtype), ref(torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", EXPERIMENTAL_CASES)
+def test_experimental_cpu_attention_meets_tolerance_rule(case, dtype, monkeypatch):
+    monkeypatch.setitem(op._BACKEND_MODULES, "torch", "softprompt_kernels.bench.cpu_attention")
+    got, plain, ref64 = _experimental_case(case, dtype)
+    assert not torch.isnan(got[0]).any()
+    for name, a, p, r in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], got, plain, ref64):
+        c = compare(name, a, p, r)
+        assert c.ok, f"{case} {dtype}: {c}"
+
+
+def _mode(mode, t, peak, error=None):
+    return e2e.ModeResult(mode, times=[t, t], step_peaks=[peak, peak], process_peaks=[peak + 10, peak + 10],
+                          error=error)
+
+
+def test_e2e_rows_and_target_verdicts():
+    cfg = e2e.QUICK
+    res = {"peft": _mode("peft", 2.0, 1000), "ours": _mode("ours", 1.6, 800),
+           "peft+ckpt": e2e.ModeResult("peft+ckpt", error="RuntimeError: size mismatch"),
+           "ours+ckpt": _mode("ours+ckpt", 2.2, 450)}
+    rows = runner.e2e_rows(res, cfg)
+    assert [r.case for r in rows] == ["no ckpt", "ckpt"]
+    assert rows[0].ratio == pytest.approx(1.25) and rows[0].mem_ratio == pytest.approx(0.8)
+    assert "PEFT with checkpointing fails" in rows[1].note
+    lines = runner.target_lines(rows)
+    assert "met" in lines[0] and "NOT" not in lines[0]
+    assert "NOT" not in lines[1] and "NOT" not in lines[2]
+    res["ours"] = _mode("ours", 1.9, 900)  # 1.05x and 0.90: both missed
+    res["ours+ckpt"] = _mode("ours+ckpt", 2.2, 600)
+    lines = runner.target_lines(runner.e2e_rows(res, cfg))
+    assert all("NOT met" in line for line in lines)
+
+
+def test_table_json_and_png(tmp_path):
+    rows = [Row("attention fwd", "a", "B1", 0.5, 1.0, "sdpa", 10 * 2**20, 20 * 2**20),
+            Row("train step", "ckpt", "B2", 2.0, 1.0, "PEFT", None, 5 * 2**20, note="x"),
+            Row("prefix_mlp fwd", "m", "B3", None, 1.0, "peft", note="ours n/a")]
+    text = "\n".join(table_lines(rows))
+    for col in ("case", "ours", "baseline", "ratio", "peak MiB"):
+        assert col in text
+    assert "2.00x" in text and "0.50x" in text and "n/a" in text
+    env = {"device": "cpu", "device_name": "test CPU", "torch": torch.__version__}
+    write_json(str(tmp_path / "b.json"), env, rows, {"k": 1})
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert data["rows"][0]["ratio"] == pytest.approx(2.0) and data["rows"][2]["ratio"] is None
+    assert write_plot(str(tmp_path / "b.png"), env, rows)
+    assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_runner_main_end_to_end(tmp_path, monkeypatch, capsys):
+    """The bench main job on tiny shapes: table, targets, JSON, PNG (the e2e worker runs in a subprocess)."""
+    monkeypatch.setattr(cases, "attention_cases", lambda full, device: [TINY_ATT])
+    monkeypatch.setattr(cases, "mlp_cases", lambda full, device: [TINY_MLP])
+    tiny = e2e.E2EConfig(n_layer=2, n_embd=32, n_head=4, vocab=64, P=3, mid=8, B=2, L=8, steps=1)
+    monkeypatch.setattr(e2e, "QUICK", tiny)
+    rc = runner.main(["--no-selfcheck", "--out", str(tmp_path), "--repeat", "1", "--backend", "torch"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "train step" in out and "End-to-end targets" in out and "PEFT with checkpointing fails" in out
+    data = json.loads((tmp_path / "bench.json").read_text())
+    suites = {r["suite"] for r in data["rows"]}
+    assert {"attention fwd", "attention fwd+bwd", "prefix_mlp fwd", "prefix_mlp fwd+bwd", "train step"} <= suites
+    step = next(r for r in data["rows"] if r["case"] == "no ckpt")
+    assert step["ours_s"] > 0 and step["baseline_s"] > 0
+    assert (tmp_path / "bench.png").exists()
+
+
+@pytest.mark.parametrize("causal,padded,Hkv", [(True, True, 2), (False, True, 4), (True, False, 4)])
+def test_flex_baseline_mask_is_prefix_attention(causal, padded, Hkv):
+    """The (GPU-only, compiled) FlexAttention baseline's mask, run uncompiled here, equals the op."""
+    pytest.importorskip("torch.nn.attention.flex_attention")
+    c = cases.AttentionCase("t", "t", 3, 4, Hkv, 19, 7, 16, causal, padded=padded)
+    t = micro.attention_inputs(c, "cpu", torch.float32)
+    leaves = [t[n] for n in ("q", "k", "v", "pk", "pv")]
+    res = []
+    with torch.no_grad():
+        micro._flex_callable(c, t, leaves, False, compiled=False, result=res)()
+        ours = prefix_attention(*leaves, causal=causal, key_padding_mask=t["mask"], backend="torch")
+    torch.testing.assert_close(res[0], ours, atol=1e-5, rtol=1e-5)

@@ -2,10 +2,11 @@
 // Builds the PrefixAttnParams struct from tensors (every stride is passed, nothing is copied
 // except where noted) and calls the launchers of the .cu files.
 //
-//   attn_fwd(q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, causal, scale)
+//   attn_fwd(q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, causal, scale, dropout_p, seed)
 //       -> (out [B,Hq,L,D], lse [B,Hq,L] float32)
 //   attn_bwd(dout, q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, out, lse,
-//            causal, scale, deterministic) -> (dq, dk, dv, dprefix_k, dprefix_v)
+//            causal, scale, dropout_p, seed, deterministic) -> (dq, dk, dv, dprefix_k, dprefix_v)
+//       dropout: keep decision spk::dropout_keep(seed, b, h, i, c) (prefix_attention_common.cuh).
 //       dprefix_* are empty tensors (numel 0) when there is no prefix.
 //   mlp_fwd(x [P,E], w1 [H1,E], b1?, w2 [N,H1], b2?, num_layers, num_kv_heads, head_dim, act)
 //       -> (out [NL,2,Hkv,P,D], pre [P,H1])   act: 0 identity, 1 tanh, 2 relu, 3 gelu
@@ -91,7 +92,7 @@ PrefixAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
                              const std::optional<Tensor>& prefix_k, const std::optional<Tensor>& prefix_v,
                              const std::optional<Tensor>& prefix_index,
                              const std::optional<Tensor>& key_padding_mask, bool causal, double scale,
-                             PrefixArgs& pre) {
+                             double dropout_p, int64_t seed, PrefixArgs& pre) {
   check_4d(q, "q", q);
   check_4d(k, "k", q);
   check_4d(v, "v", q);
@@ -107,6 +108,10 @@ PrefixAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
   p.B = (int)B; p.Hq = (int)Hq; p.Hkv = (int)Hkv; p.L = (int)L; p.S = (int)S; p.D = (int)D;
   p.scale = (float)scale;
   p.causal = causal;
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "dropout_p must be in [0, 1), got ", dropout_p);
+  p.dropout_p = (float)dropout_p;
+  p.keep_scale = (float)(1.0 / (1.0 - dropout_p));
+  p.seed = (uint64_t)seed;
   p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr();
   p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sl = q.stride(2); p.q_sd = q.stride(3);
   p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_ss = k.stride(2); p.k_sd = k.stride(3);
@@ -147,10 +152,12 @@ PrefixAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
 std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const std::optional<Tensor>& prefix_k, const std::optional<Tensor>& prefix_v,
                                     const std::optional<Tensor>& prefix_index,
-                                    const std::optional<Tensor>& key_padding_mask, bool causal, double scale) {
+                                    const std::optional<Tensor>& key_padding_mask, bool causal, double scale,
+                                    double dropout_p, int64_t seed) {
   SPK_DEVICE_GUARD(q.device());
   PrefixArgs pre;
-  PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale, pre);
+  PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
+                                   dropout_p, seed, pre);
   Tensor out = new_output({p.B, p.Hq, p.L, p.D}, q.options());
   Tensor lse = new_output({p.B, p.Hq, p.L}, q.options().dtype(at::kFloat));
   p.out = out.data_ptr(); p.lse = lse.data_ptr<float>();
@@ -165,10 +172,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
     const Tensor& dout, const Tensor& q, const Tensor& k, const Tensor& v, const std::optional<Tensor>& prefix_k,
     const std::optional<Tensor>& prefix_v, const std::optional<Tensor>& prefix_index,
     const std::optional<Tensor>& key_padding_mask, const Tensor& out, const Tensor& lse, bool causal, double scale,
-    bool deterministic) {
+    double dropout_p, int64_t seed, bool deterministic) {
   SPK_DEVICE_GUARD(q.device());
   PrefixArgs pre;
-  PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale, pre);
+  PrefixAttnParams p = make_params(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
+                                   dropout_p, seed, pre);
   check_4d(dout, "dout", q);
   check_4d(out, "out", q);
   TORCH_CHECK(dout.sizes() == q.sizes() && out.sizes() == q.sizes(), "dout and out must have q's shape ", q.sizes());
@@ -327,10 +335,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& dout, c
 
 SPK_TORCH_LIBRARY(SPK_NS, m) {
   m.def("attn_fwd(Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, Tensor? prefix_index, "
-        "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)");
+        "Tensor? key_padding_mask, bool causal, float scale, float dropout_p, int seed) -> (Tensor, Tensor)");
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
         "Tensor? prefix_index, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "
-        "bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+        "float dropout_p, int seed, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("mlp_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int num_layers, int num_kv_heads, "
         "int head_dim, int act) -> (Tensor, Tensor)");
   m.def("mlp_bwd(Tensor dout, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor pre, bool has_b2, int num_layers, "

@@ -104,8 +104,9 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dkdv_kernel(const
         const bool vis = column_visible(p, ks, m0 + m, n, b);
         const float s = vis ? dot_smem<DM>(sK + nr * QS, sQ + m * QS) * p.scale : -INFINITY;
         const float pt = prob_from_lse(s, sLse[m]) * sRs[m];
-        const float dp = dot_smem<DM>(sV + nr * QS, sdO + m * QS);
-        sPT[nr * PS + m] = pt;
+        const float z = (pt > 0.f) ? dropout_factor(p, b, h, m0 + m, ks.is_prefix ? n : p.P + n) : 1.f;
+        const float dp = dot_smem<DM>(sV + nr * QS, sdO + m * QS) * z;
+        sPT[nr * PS + m] = pt * z;
         sdST[nr * PS + m] = pt * (dp - sDelta[m]);
       }
       __syncwarp();  // sPT/sdST row nr belongs to the TPR lanes of one warp
@@ -223,7 +224,8 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dq_kernel(const P
       const bool vis = column_visible(p, ks, i, ks.n0 + nn, b);
       const float s = vis ? dot_smem<DM>(sQ + r * QS, sK + nn * QS) * p.scale : -INFINITY;
       const float pr = prob_from_lse(s, lse_i) * rs_i;
-      const float dp = dot_smem<DM>(sdO + r * QS, sV + nn * QS);
+      const float z = (pr > 0.f) ? dropout_factor(p, b, h, i, ks.is_prefix ? ks.n0 + nn : p.P + ks.n0 + nn) : 1.f;
+      const float dp = dot_smem<DM>(sdO + r * QS, sV + nn * QS) * z;
       if (STATS) {
         l_sum += pr;
         d_sum = fmaf(pr, dp, d_sum);

@@ -62,6 +62,9 @@ struct PrefixAttnParams {
 
   int B = 0, Hq = 0, Hkv = 0, L = 0, S = 0, P = 0, D = 0, T = 0;
   float scale = 1.f;
+  float dropout_p = 0.f;     // attention dropout on the probabilities (0: off)
+  float keep_scale = 1.f;    // 1 / (1 - dropout_p)
+  uint64_t seed = 0;
   bool causal = false;
   bool deterministic = true;
 };
@@ -171,6 +174,36 @@ SPK_HD float lse_merge(float a, float b) {
   float m = a > b ? a : b;
   if (m == -INFINITY) return -INFINITY;
   return m + safe_log(fast_exp(a - m) + fast_exp(b - m));
+}
+
+// ---------------------------------------------------------------- dropout
+// 32-bit integer finalizer (xorshift-multiply); multipliers below 2^31 so that the Python
+// side (dropout_keep_mask) reproduces it exactly with int64 tensor arithmetic.
+SPK_HD uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7feb352du;
+  x ^= x >> 15;
+  x *= 0x5bd1e995u;
+  x ^= x >> 16;
+  return x;
+}
+
+// Keep decision of probability (b, h, i, c); c = combined column (prefix c < P, sequence P + j).
+// Uniform u = top 24 bits of the hash / 2^24; kept iff u >= p (exact in float32).
+SPK_HD bool dropout_keep(uint64_t seed, int b, int h, int i, int c, float p) {
+  uint32_t x = mix32((uint32_t)c);
+  x = mix32(x ^ (uint32_t)i);
+  x = mix32(x ^ (uint32_t)h);
+  x = mix32(x ^ (uint32_t)b);
+  x = mix32(x ^ (uint32_t)(seed >> 32));
+  x = mix32(x ^ (uint32_t)(seed & 0xffffffffu));
+  return (float)(x >> 8) * (1.0f / 16777216.0f) >= p;
+}
+
+// Dropout multiplier of one probability: 0 (dropped) or 1 / (1 - p) (kept); 1 without dropout.
+SPK_HD float dropout_factor(const PrefixAttnParams& p, int b, int h, int i, int c) {
+  if (p.dropout_p <= 0.f) return 1.f;
+  return dropout_keep(p.seed, b, h, i, c, p.dropout_p) ? p.keep_scale : 0.f;
 }
 
 }  // namespace spk

@@ -80,8 +80,11 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_fwd_kernel(const PrefixA
     float lsum = 0.f;
 #pragma unroll
     for (int j = 0; j < NPT; ++j) {
+      const int nn = cg + TPR * j;
       const float pj = masked_exp(s[j], row.m);
-      sP[r * PS + cg + TPR * j] = pj;
+      // the denominator sums undropped probabilities; dropout scales what reaches V
+      const float z = (pj > 0.f) ? dropout_factor(p, b, h, i, ks.is_prefix ? ks.n0 + nn : p.P + ks.n0 + nn) : 1.f;
+      sP[r * PS + nn] = pj * z;
       lsum += pj;
     }
     row.l += group_sum<TPR>(lsum);

@@ -37,17 +37,18 @@ def _poison():
     del blocks
 
 
-def _fwd(q, k, v, pk, pv, idx, kpm, causal, scale):
+def _fwd(q, k, v, pk, pv, idx, kpm, causal, scale, dropout_p=0.0, dseed=0):
     _poison()
-    return cuda_attn.attention_forward(q, k, v, pk, pv, idx, kpm, causal=causal, scale=scale, dropout_p=0.0, seed=0)
+    return cuda_attn.attention_forward(q, k, v, pk, pv, idx, kpm, causal=causal, scale=scale, dropout_p=dropout_p,
+                                       seed=dseed)
 
 
 def _bwd_factory(deterministic_override=None):
-    def _bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, deterministic):
+    def _bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, dropout_p, dseed, deterministic):
         _poison()
         det = deterministic if deterministic_override is None else deterministic_override
         return cuda_attn.attention_backward(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal=causal, scale=scale,
-                                            dropout_p=0.0, seed=0, deterministic=det)
+                                            dropout_p=dropout_p, seed=dseed, deterministic=det)
     return _bwd
 
 
@@ -72,8 +73,8 @@ def test_deterministic_mode_is_bitwise_reproducible():
     case = Case(4, 8, 2, 45, 45, 33, 64, causal=True, mask=True, form="multi")
     inp = make_inputs(case, torch.bfloat16, "cuda", seed=3)
     args = (inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"], inp["kpm"])
-    out, lse = _fwd(*args, True, 0.125)
-    runs = [_bwd_factory()(inp["dout"], *args, out, lse, True, 0.125, True) for _ in range(3)]
+    out, lse = _fwd(*args, True, 0.125, 0.1, 7)
+    runs = [_bwd_factory()(inp["dout"], *args, out, lse, True, 0.125, 0.1, 7, True) for _ in range(3)]
     for other in runs[1:]:
         for a, b in zip(runs[0], other):
             assert torch.equal(a, b)
@@ -94,11 +95,26 @@ def test_public_op_with_backend_cuda():
     assert q.grad is not None and pk.grad is not None and pk.grad.shape == pk.shape
 
 
-def test_dropout_is_not_implemented():
-    inp = make_inputs(CASES[0], torch.float16, "cuda")
-    with pytest.raises(NotImplementedError, match="dropout"):
-        cuda_attn.attention_forward(inp["q"], inp["k"], inp["v"], None, None, None, None,
-                                    causal=False, scale=0.1, dropout_p=0.1, seed=1)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [CASES[1], CASES[2], CASES[4]], ids=str)
+def test_attention_dropout_matches_reference(case, dtype):
+    check_attention(_fwd, _bwd_factory(), case, dtype, "cuda", seed=2, dropout_p=0.17,
+                    keep_mask=cuda_attn.dropout_keep_mask)
+
+
+def test_dropout_keep_mask_is_what_the_kernel_draws():
+    """With V = identity rows and one query, out[c] = P_c * keep_c / (1 - p): the mask shows."""
+    B, Hq, L, P, S, D, p = 2, 3, 1, 5, 11, 16, 0.4
+    q = torch.zeros(B, Hq, L, D, device="cuda")
+    v = torch.zeros(B, Hq, S, D, device="cuda")
+    pv = torch.zeros(1, Hq, P, D, device="cuda")
+    pv[0, :, torch.arange(P), torch.arange(P)] = 1.0
+    v[:, :, torch.arange(S), P + torch.arange(S)] = 1.0
+    idx = torch.zeros(B, dtype=torch.int64, device="cuda")
+    out, _ = _fwd(q, torch.zeros_like(v), v, torch.zeros_like(pv), pv, idx, None, False, 1.0, p, 99)
+    keep = cuda_attn.dropout_keep_mask(99, B, Hq, L, P, S, p, "cuda")
+    expect = keep[..., :D].float() / (P + S) / (1 - p)
+    torch.testing.assert_close(out, expect, atol=1e-6, rtol=1e-5)
 
 
 # ------------------------------------------------------------------ prefix MLP

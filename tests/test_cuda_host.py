@@ -89,12 +89,13 @@ def emu(tmp_path_factory):
 
 
 def _fns(E, deterministic=None):
-    def fwd(q, k, v, pk, pv, idx, kpm, causal, scale):
-        return E.attn_fwd(q, k, v, pk, pv, idx, kpm, causal, scale)
+    def fwd(q, k, v, pk, pv, idx, kpm, causal, scale, dropout_p=0.0, dseed=0):
+        return E.attn_fwd(q, k, v, pk, pv, idx, kpm, causal, scale, dropout_p, dseed)
 
-    def bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, det):
+    def bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, dropout_p, dseed, det):
         det = det if deterministic is None else deterministic
-        dq, dk, dv, dpk, dpv = E.attn_bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, det)
+        dq, dk, dv, dpk, dpv = E.attn_bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, dropout_p, dseed,
+                                          det)
         if pk is None:
             assert dpk.numel() == 0 and dpv.numel() == 0
             return dq, dk, dv, None, None
@@ -111,6 +112,28 @@ _EMU_PARAMS += [(CASES[1], torch.float16), (CASES[4], torch.float16)]
 def test_emulated_attention_matches_reference(emu, case, dtype):
     fwd, bwd = _fns(emu)
     check_attention(fwd, bwd, case, dtype, "cpu", seed=len(str(case)))
+
+
+@pytest.mark.parametrize("case,dtype", [(CASES[1], torch.float32), (CASES[4], torch.bfloat16),
+                                        (CASES[2], torch.float32)], ids=lambda x: str(x))
+def test_emulated_dropout_matches_reference(emu, case, dtype):
+    """Kernels' dropout vs the reference given softprompt_kernels.cuda.prefix_attention.dropout_keep_mask:
+    also proves that the Python mask reproduces the device hash bit for bit."""
+    from softprompt_kernels.cuda.prefix_attention import dropout_keep_mask
+
+    fwd, bwd = _fns(emu)
+    check_attention(fwd, bwd, case, dtype, "cpu", seed=4, dropout_p=0.23, keep_mask=dropout_keep_mask)
+
+
+def test_dropout_keep_mask_statistics():
+    from softprompt_kernels.cuda.prefix_attention import dropout_keep_mask
+
+    m = dropout_keep_mask(5, 3, 4, 33, 7, 40, 0.3, "cpu")
+    assert m.shape == (3, 4, 33, 47) and m.dtype == torch.bool
+    assert abs(m.float().mean().item() - 0.7) < 0.02
+    assert torch.equal(m, dropout_keep_mask(5, 3, 4, 33, 7, 40, 0.3, "cpu"))
+    assert not torch.equal(m, dropout_keep_mask(6, 3, 4, 33, 7, 40, 0.3, "cpu"))
+    assert dropout_keep_mask(5, 1, 1, 2, 0, 3, 0.0, "cpu").all()
 
 
 def test_emulated_atomic_prefix_reduction(emu):

@@ -134,7 +134,7 @@ def check_case(c, *, dropout_p=0.0, seed=0):
 
 
 # ----------------------------------------------------------------------------- random sweep
-N_RANDOM = 48  # per dtype
+N_RANDOM = 24  # per dtype
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
@@ -281,6 +281,8 @@ def test_aot_specs_cover_every_launch_choice():
         for bd in tfwd.BLOCK_DS:
             for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
                 assert f"prefix_attn_{kind}[d={bd},{dt}]" in names
+    # every 16-bit GEMM kernel must get wgmma on sm_90 except the d=256 dK/dV one, whose 32-key
+    # tiles (needed for zero spills) are below wgmma's 64-row minimum
     for s in specs:
-        assert s.expect_wgmma == (("fp16" in s.name or "bf16" in s.name)
-                                  and any(k in s.name for k in ("_fwd[", "_dkdv[", "_dq[")))
+        main = ("fp16" in s.name or "bf16" in s.name) and any(k in s.name for k in ("_fwd[", "_dkdv[", "_dq["))
+        assert s.expect_wgmma == (main and "dkdv[d=256" not in s.name), s.name

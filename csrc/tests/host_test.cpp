@@ -173,11 +173,37 @@ static void test_mlp() {
   for (int x : seen) CHECK(x == 1);
 }
 
+// Dropout keep decisions: deterministic, the kept fraction is 1 - p, neighbours decorrelated.
+static void test_dropout() {
+  for (float p : {0.1f, 0.5f, 0.9f}) {
+    int kept = 0, same_as_next = 0, n = 0;
+    for (int b = 0; b < 3; ++b)
+      for (int h = 0; h < 4; ++h)
+        for (int i = 0; i < 50; ++i)
+          for (int c = 0; c < 100; ++c, ++n) {
+            const bool k = dropout_keep(12345u, b, h, i, c, p);
+            CHECK(k == dropout_keep(12345u, b, h, i, c, p));
+            kept += k;
+            same_as_next += (k == dropout_keep(12345u, b, h, i, c + 1, p));
+          }
+    const double frac = (double)kept / n;
+    CHECK(std::fabs(frac - (1.0 - p)) < 0.02);
+    const double agree = (double)same_as_next / n;  // independent: p^2 + (1-p)^2
+    CHECK(std::fabs(agree - (p * p + (1 - p) * (1 - p))) < 0.02);
+  }
+  int diff = 0;  // another seed gives another mask
+  for (int c = 0; c < 1000; ++c) diff += dropout_keep(1u, 0, 0, 0, c, 0.5f) != dropout_keep(2u, 0, 0, 0, c, 0.5f);
+  CHECK(diff > 400 && diff < 600);
+  for (int c = 0; c < 100; ++c) CHECK(dropout_keep(7u, 1, 2, 3, c, 0.0f));  // p = 0 keeps everything
+  CHECK(mix32(0u) == 0u && mix32(1u) != 1u);
+}
+
 int main() {
   test_index();
   test_masks();
   test_online_softmax();
   test_mlp();
+  test_dropout();
   if (failures) {
     std::printf("%d FAILURES\n", failures);
     return 1;

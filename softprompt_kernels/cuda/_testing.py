@@ -85,13 +85,13 @@ def make_inputs(case: Case, dtype: torch.dtype, device, seed: int = 0) -> dict:
     return dict(q=q, k=k, v=v, pk=pk, pv=pv, idx=idx, kpm=kpm, dout=dout)
 
 
-def _reference(inp: dict, case: Case, scale: float, dtype) -> tuple:
+def _reference(inp: dict, case: Case, scale: float, dtype, dropout_p: float = 0.0, keep=None) -> tuple:
     """out, lse and grads (dq, dk, dv, dpk, dpv) of the reference computed in ``dtype``."""
     names = ["q", "k", "v"] + (["pk", "pv"] if inp["pk"] is not None else [])
     leaves = {n: inp[n].detach().to(dtype).requires_grad_(True) for n in names}
     out, lse = prefix_attention_reference(
         leaves["q"], leaves["k"], leaves["v"], leaves.get("pk"), leaves.get("pv"), inp["idx"], inp["kpm"],
-        causal=case.causal, scale=scale,
+        causal=case.causal, scale=scale, dropout_p=dropout_p, dropout_mask=keep,
     )
     grads = torch.autograd.grad(out, list(leaves.values()), inp["dout"].to(dtype), allow_unused=True)
     grads = [torch.zeros_like(leaves[n]) if g is None else g for n, g in zip(names, grads)]
@@ -103,17 +103,25 @@ BwdFn = Callable[..., tuple]
 
 
 def check_attention(fwd: FwdFn, bwd: BwdFn, case: Case, dtype: torch.dtype, device, *,
-                    deterministic: bool = True, seed: int = 0) -> list[Comparison]:
-    """Run ``fwd(q, k, v, pk, pv, idx, kpm, causal, scale) -> (out, lse)`` and
-    ``bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, deterministic) -> 5 grads``
-    and compare everything with the tolerance rule.  Returns the comparisons (all checked)."""
+                    deterministic: bool = True, seed: int = 0, dropout_p: float = 0.0,
+                    keep_mask: Callable | None = None) -> list[Comparison]:
+    """Run ``fwd(q, k, v, pk, pv, idx, kpm, causal, scale, dropout_p, dropout_seed) -> (out, lse)`` and
+    ``bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, dropout_p, dropout_seed, deterministic)
+    -> 5 grads`` and compare everything with the tolerance rule.  With dropout, ``keep_mask(seed, B, Hq, L,
+    P, S, dropout_p, device)`` must give the backend's keep mask; the reference applies it.
+    Returns the comparisons (all checked)."""
     inp = make_inputs(case, dtype, device, seed)
     scale = case.D ** -0.5
-    out, lse = fwd(inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"], inp["kpm"], case.causal, scale)
+    dseed = 1000 + seed
+    keep = None
+    if dropout_p > 0.0:
+        keep = keep_mask(dseed, case.B, case.Hq, case.L, case.P, case.S, dropout_p, device)
+    out, lse = fwd(inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"], inp["kpm"], case.causal, scale,
+                   dropout_p, dseed)
     grads = bwd(inp["dout"], inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"], inp["kpm"], out, lse,
-                case.causal, scale, deterministic)
-    out64, lse64, g64 = _reference(inp, case, scale, torch.float64)
-    outlp, lselp, glp = _reference(inp, case, scale, dtype)
+                case.causal, scale, dropout_p, dseed, deterministic)
+    out64, lse64, g64 = _reference(inp, case, scale, torch.float64, dropout_p, keep)
+    outlp, lselp, glp = _reference(inp, case, scale, dtype, dropout_p, keep)
     assert out.dtype == dtype and out.shape == out64.shape and out.is_contiguous()
     assert lse.dtype == torch.float32 and lse.shape == lse64.shape
     comps = [compare("out", out, outlp, out64), compare("lse", lse, lselp.float(), lse64)]

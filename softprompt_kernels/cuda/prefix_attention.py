@@ -2,26 +2,29 @@
 
 Calls ``torch.ops.softprompt_kernels_cuda.attn_fwd / attn_bwd`` (csrc/).  Shapes:
 q ``[B, Hq, L, D]``, k/v ``[B, Hkv, S, D]``, prefix ``[T, Hkv, P, D]`` + index ``[B]``, any
-strides, D <= 256, float32/float16/bfloat16.  Attention dropout is not implemented in
-the CUDA kernels yet: ``dropout_p > 0`` raises NotImplementedError.
+strides, D <= 256, float32/float16/bfloat16.  Attention dropout: the keep decision of
+probability (b, h, i, c) is ``spk::dropout_keep`` in ``csrc/prefix_attention_common.cuh`` (an
+integer hash of seed, b, h, i, c); ``dropout_keep_mask`` reproduces it with tensor arithmetic.
 """
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 
 from ._build import ops
 
-_NO_DROPOUT = (
-    "attention dropout is not implemented in the CUDA backend yet (dropout_p={p}); "
-    "use backend='triton' or backend='torch' for dropout_p > 0"
-)
+_M1, _M2, _U32 = 0x7FEB352D, 0x5BD1E995, 0xFFFFFFFF
 
 
-def _check_dropout(dropout_p: float) -> None:
-    if dropout_p > 0.0:
-        raise NotImplementedError(_NO_DROPOUT.format(p=dropout_p))
+def _mix32(x: Tensor) -> Tensor:
+    """``spk::mix32`` on int64 tensors holding uint32 values (products stay below 2^63)."""
+    x = x ^ (x >> 16)
+    x = (x * _M1) & _U32
+    x = x ^ (x >> 15)
+    x = (x * _M2) & _U32
+    return x ^ (x >> 16)
 
 
 def attention_forward(
@@ -30,8 +33,8 @@ def attention_forward(
     key_padding_mask: Optional[Tensor], *, causal: bool, scale: float, dropout_p: float, seed: int,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``out [B, Hq, L, D]`` (q.dtype, contiguous) and ``lse [B, Hq, L]`` float32."""
-    _check_dropout(dropout_p)
-    out, lse = ops().attn_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal), float(scale))
+    out, lse = ops().attn_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal), float(scale),
+                              float(dropout_p), int(seed))
     return out, lse
 
 
@@ -46,10 +49,9 @@ def attention_backward(
     deterministic=True: per-row float32 partials reduced over rows in a fixed order (same
     bits every run); False: float32 atomics into one buffer per task.
     """
-    _check_dropout(dropout_p)
     dq, dk, dv, dpk, dpv = ops().attn_bwd(
         dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-        bool(causal), float(scale), bool(deterministic),
+        bool(causal), float(scale), float(dropout_p), int(seed), bool(deterministic),
     )
     if prefix_k is None:
         return dq, dk, dv, None, None
@@ -57,5 +59,14 @@ def attention_backward(
 
 
 def dropout_keep_mask(seed, B, Hq, L, P, S, dropout_p, device):
-    """Not available: the CUDA kernels have no dropout yet."""
-    raise NotImplementedError(_NO_DROPOUT.format(p=dropout_p))
+    """Bool keep mask ``[B, Hq, L, P + S]`` exactly as the kernels draw it (column c < P: prefix)."""
+    ar = lambda n: torch.arange(n, dtype=torch.int64, device=device)  # noqa: E731
+    x = _mix32(ar(P + S).view(1, 1, 1, -1))
+    x = _mix32(x ^ ar(L).view(1, 1, -1, 1))
+    x = _mix32(x ^ ar(Hq).view(1, -1, 1, 1))
+    x = _mix32(x ^ ar(B).view(-1, 1, 1, 1))
+    seed = int(seed)
+    x = _mix32(x ^ ((seed >> 32) & _U32))
+    x = _mix32(x ^ (seed & _U32))
+    u = (x >> 8).to(torch.float32) * (1.0 / 16777216.0)
+    return u >= torch.tensor(float(dropout_p), dtype=torch.float32).item()

@@ -382,25 +382,25 @@ def _prefix_reduce(Part, Order, Starts, Out, Hkv, PD, BLOCK: tl.constexpr):
 
 # ----------------------------------------------------------------------------- configs
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (dtype family, BLOCK_D)
-DKDV_CONFIGS = {
-    ("16", 32): (64, 64, 4, 2),
-    ("16", 64): (64, 64, 4, 2),
-    ("16", 128): (64, 64, 8, 2),
-    ("16", 256): (32, 64, 8, 1),
-    ("32", 32): (32, 32, 4, 1),
-    ("32", 64): (32, 32, 4, 1),
+DKDV_CONFIGS = {  # BLOCK_N (keys) is the M dimension of every dot here: >= 64 for wgmma
+    ("16", 32): (32, 64, 4, 1),
+    ("16", 64): (32, 64, 4, 1),
+    ("16", 128): (16, 64, 8, 1),
+    ("16", 256): (32, 32, 8, 1),
+    ("32", 32): (32, 16, 4, 1),
+    ("32", 64): (16, 32, 4, 1),
     ("32", 128): (16, 32, 4, 1),
-    ("32", 256): (16, 16, 4, 1),
+    ("32", 256): (16, 16, 8, 1),
 }
 DQ_CONFIGS = {
     ("16", 32): (64, 64, 4, 2),
-    ("16", 64): (64, 64, 4, 2),
+    ("16", 64): (64, 32, 4, 2),
     ("16", 128): (64, 64, 8, 2),
-    ("16", 256): (64, 32, 8, 1),
+    ("16", 256): (64, 16, 8, 2),
     ("32", 32): (32, 32, 4, 1),
     ("32", 64): (32, 32, 4, 1),
-    ("32", 128): (32, 16, 4, 1),
-    ("32", 256): (16, 16, 4, 1),
+    ("32", 128): (16, 16, 4, 1),
+    ("32", 256): (16, 16, 8, 1),
 }
 PRE_CONFIG = (64, 64, 4, 1)        # BLOCK_M, BLOCK_D (d chunk), warps, stages
 REDUCE_CONFIG = (1024, 4, 1)       # BLOCK, warps, stages
@@ -428,7 +428,8 @@ def bwd_specs() -> list[KernelSpec]:
                     name=f"prefix_attn_bwd_{kname}[d={bd},{tname}]", fn=fn, signature=sig,
                     constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IEEE": ieee, "VEC": vec_for(dtype),
                                 **unit_strides(fn)},
-                    num_warps=w, num_stages=st, expect_wgmma=not ieee))
+                    num_warps=w, num_stages=st,
+                    expect_wgmma=not ieee and (bn if kname == "dkdv" else bm) >= 64))
         bm, bdc, w, st = PRE_CONFIG
         if not ieee:  # fp32 computes delta inside the dQ kernel
             specs.append(KernelSpec(

@@ -252,14 +252,14 @@ def block_d_for(D: int) -> int:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (dtype family, BLOCK_D)
 FWD_CONFIGS = {
-    ("16", 32): (128, 64, 4, 3),
+    ("16", 32): (64, 64, 4, 2),
     ("16", 64): (64, 64, 4, 3),
-    ("16", 128): (128, 64, 8, 3),
+    ("16", 128): (128, 32, 8, 2),
     ("16", 256): (64, 32, 4, 2),
-    ("32", 32): (64, 32, 4, 2),
-    ("32", 64): (64, 32, 4, 2),
-    ("32", 128): (32, 32, 4, 2),
-    ("32", 256): (32, 16, 4, 1),
+    ("32", 32): (32, 32, 4, 2),
+    ("32", 64): (32, 16, 4, 1),
+    ("32", 128): (16, 32, 4, 1),
+    ("32", 256): (16, 16, 8, 1),
 }
 BLOCK_DS = (32, 64, 128, 256)
 MASK_CONFIG = (32, 64, 4, 1)
@@ -311,7 +311,7 @@ def fwd_specs() -> list[KernelSpec]:
                 constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IEEE": dtype == torch.float32,
                             "VEC": vec_for(dtype),
                             **unit_strides(_attn_fwd)},
-                num_warps=w, num_stages=st, expect_wgmma=dtype != torch.float32))
+                num_warps=w, num_stages=st, expect_wgmma=dtype != torch.float32 and bm >= 64))
     bm, bn, w, st = MASK_CONFIG
     specs.append(KernelSpec(
         name="prefix_attn_dropout_mask", fn=_dropout_mask_kernel,

@@ -14,8 +14,8 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_backend(backend: str, like: Optional[torch.Tensor]) -> str:
-    """Map ``backend`` (``auto|triton|cuda|torch``) to a concrete backend for tensors like ``like``.
+def resolve_backend(backend: str, device: Optional[torch.device]) -> str:
+    """Map ``backend`` (``auto|triton|cuda|torch``) to a concrete backend for tensors on ``device``.
 
     ``auto``: Triton for CUDA tensors (the CUDA backend is opt-in until it has been
     verified on a GPU); on CPU the plain-PyTorch path, or Triton when the Triton
@@ -24,7 +24,7 @@ def resolve_backend(backend: str, like: Optional[torch.Tensor]) -> str:
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    on_cuda = like is not None and like.is_cuda
+    on_cuda = device is not None and torch.device(device).type == "cuda"
     if backend == "auto":
         if on_cuda:
             return "triton"

@@ -256,7 +256,7 @@ def prefix_attention(
         comes back in the prefix's own shape, summed over the rows (and query heads of
         each kv group) that used it.
     """
-    backend = resolve_backend(backend, q if isinstance(q, Tensor) else None)
+    backend = resolve_backend(backend, q.device if isinstance(q, Tensor) else None)
     _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend)
     pk, pv, idx = _normalise_prefix(q, prefix_k, prefix_v, prefix_index)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5

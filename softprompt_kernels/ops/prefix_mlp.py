@@ -34,15 +34,15 @@ Dispatch: backend "auto" -> "triton" for CUDA tensors; for CPU tensors "triton" 
 from __future__ import annotations
 
 import importlib
-import os
 from typing import Optional
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
+from .backend_choice import resolve_backend
+
 ACTIVATIONS = ("tanh", "relu", "gelu", "identity")
-BACKENDS = ("auto", "triton", "cuda", "torch")
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKEND_MODULES = {
     "triton": "softprompt_kernels.triton.prefix_mlp",
@@ -57,20 +57,6 @@ def _backend_module(backend: str):
     except ImportError as e:
         raise RuntimeError(f"prefix_mlp backend={backend!r} is not available "
                            f"({_BACKEND_MODULES[backend]} failed to import: {e})") from e
-
-
-def resolve_backend(backend: str, device: torch.device) -> str:
-    """Concrete backend name for ``backend`` ("auto" resolved) on ``device``."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
-    if backend == "auto":
-        return "triton" if device.type == "cuda" or interpret else "torch"
-    if backend == "triton" and device.type != "cuda" and not interpret:
-        raise ValueError("backend='triton' needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)")
-    if backend == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend='cuda' needs CUDA tensors, got device {device}")
-    return backend
 
 
 # ----------------------------------------------------------------------------- custom ops

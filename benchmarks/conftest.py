@@ -39,7 +39,7 @@ def dtype(device):
 
 @pytest.fixture(scope="session")
 def rounds(bench_full) -> int:
-    return 5 if bench_full else 3
+    return 5 if bench_full else 2
 
 
 def run_pedantic(benchmark, fn, rounds: int, device: str, warmup: int = 1):

@@ -8,7 +8,8 @@ import pytest
 from conftest import run_pedantic
 from softprompt_kernels.bench import cases, micro
 
-_QUICK = {c.name for c in cases.attention_cases(False, "cpu")}
+# quick: the bench quick set without the L=2048 LLM layer (the slowest on a CPU); --bench-full runs it
+_QUICK = {c.name for c in cases.attention_cases(False, "cpu")} - {"llm"}
 _PARAMS = [pytest.param(c.name, marks=() if c.name in _QUICK else pytest.mark.full_only)
            for c in cases.ATTENTION_FULL]
 

@@ -20,7 +20,7 @@ def setup(bench_full, device, backend):
 
 
 @pytest.mark.parametrize("mode", ["peft", "ours", "ours+ckpt", "peft+ckpt"])
-def test_train_step(benchmark, setup, mode, device):
+def test_train_step(benchmark, setup, mode, device, bench_full):
     cfg, model, batch, opt = setup
     e2e.configure(model, mode, cfg)
     try:
@@ -33,5 +33,6 @@ def test_train_step(benchmark, setup, mode, device):
         raise
     benchmark.group = f"train step: {cfg.shape}"
     benchmark.extra_info.update(shape=cfg.shape, mode=mode)
-    run_pedantic(benchmark, lambda: e2e.train_step(model, batch, opt), 2, device, warmup=0)
+    # the step above was the warm-up; quick: one timed step per mode, full: three
+    run_pedantic(benchmark, lambda: e2e.train_step(model, batch, opt), 3 if bench_full else 1, device, warmup=0)
     e2e.configure(model, "peft", cfg)

@@ -187,6 +187,8 @@ def test_emulated_binding_rejects_bad_input(emu):
     inp = make_inputs(CASES[0], torch.float32, "cpu")
     with pytest.raises(RuntimeError, match="head dim"):
         big = torch.randn(1, 1, 4, 300)
-        emu.attn_fwd(big, big, big, None, None, None, None, False, 0.1)
+        emu.attn_fwd(big, big, big, None, None, None, None, False, 0.1, 0.0, 0)
     with pytest.raises(RuntimeError, match="prefix_index"):
-        emu.attn_fwd(inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"].int(), None, False, 0.1)
+        emu.attn_fwd(inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"].int(), None, False, 0.1, 0.0, 0)
+    with pytest.raises(RuntimeError, match="dropout_p"):
+        emu.attn_fwd(inp["q"], inp["k"], inp["v"], None, None, None, None, False, 0.1, 1.0, 0)

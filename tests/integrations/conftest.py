@@ -167,3 +167,13 @@ class AttentionSpy:
 @pytest.fixture
 def spy(monkeypatch):
     return AttentionSpy(monkeypatch)
+
+
+@pytest.fixture
+def workdir():
+    """A private temp dir.  Not pytest's tmp_path: a concurrent pytest session on the same machine
+    rotates (deletes) older basetemp dirs, which broke long tests mid-run."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="softprompt-it-") as d:
+        yield __import__("pathlib").Path(d)

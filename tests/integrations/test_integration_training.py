@@ -1,6 +1,8 @@
 """Training-side behaviour after apply: gradient checkpointing, attention dropout routing,
 transformers.Trainer, 2-process DDP (gloo, CPU) and PEFT save/load in both directions."""
+import datetime
 import os
+import socket
 
 import pytest
 import torch
@@ -68,7 +70,7 @@ def test_attention_dropout_goes_through_the_op(family, expected, spy):
     assert (a - ev).abs().max() > 1e-3  # the op's dropout acted in training mode
 
 
-def _trainer_losses(patched: bool, gradient_checkpointing: bool, tmp_path):
+def _trainer_losses(patched: bool, gradient_checkpointing: bool, workdir):
     from transformers import Trainer, TrainingArguments
 
     model = no_dropout(build("gpt2", prefix_projection=False, seed=5))
@@ -79,7 +81,7 @@ def _trainer_losses(patched: bool, gradient_checkpointing: bool, tmp_path):
         b = batch_for(model, B=1, L=6, seed=100 + i)
         rows.append({k: v[0] for k, v in b.items()})
     args = TrainingArguments(
-        output_dir=str(tmp_path / f"out{patched}{gradient_checkpointing}"), per_device_train_batch_size=4,
+        output_dir=str(workdir / f"out{patched}{gradient_checkpointing}"), per_device_train_batch_size=4,
         max_steps=4, learning_rate=5e-2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
         remove_unused_columns=False, gradient_checkpointing=gradient_checkpointing, seed=0, data_seed=0,
         dataloader_num_workers=0, disable_tqdm=True,
@@ -89,21 +91,22 @@ def _trainer_losses(patched: bool, gradient_checkpointing: bool, tmp_path):
     return [h["loss"] for h in trainer.state.log_history if "loss" in h]
 
 
-def test_trainer_loss_curve_equals_stock(tmp_path):
-    stock = _trainer_losses(False, False, tmp_path)
-    patched = _trainer_losses(True, False, tmp_path)
-    patched_ckpt = _trainer_losses(True, True, tmp_path)
+def test_trainer_loss_curve_equals_stock(workdir):
+    stock = _trainer_losses(False, False, workdir)
+    patched = _trainer_losses(True, False, workdir)
+    patched_ckpt = _trainer_losses(True, True, workdir)
     assert len(stock) == 4 and len(set(stock)) > 1  # it trained
     assert patched == pytest.approx(stock, rel=1e-5, abs=1e-6)
     assert patched_ckpt == pytest.approx(stock, rel=1e-5, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------ DDP
-def _ddp_worker(rank, world, init_file, out_file, prefix_projection):
+def _ddp_worker(rank, world, port, out_file, prefix_projection):
     import torch.distributed as dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))  # a dead peer fails the test, no hang
     try:
         model = build("bert-seq", prefix_projection=prefix_projection)
         apply(model, backend="torch")
@@ -117,12 +120,15 @@ def _ddp_worker(rank, world, init_file, out_file, prefix_projection):
         dist.destroy_process_group()
 
 
-def test_ddp_two_processes_same_grads(tmp_path):
+def test_ddp_two_processes_same_grads(workdir):
     """prefix_projection=True (prefix_mlp + prefix_attention grads through DDP's all-reduce).
     spawn, not fork: a forked child can hang in OpenMP initialised by the parent (~20-30 s of imports)."""
     prefix_projection = True
-    out_file = str(tmp_path / "grads.pt")
-    mp.start_processes(_ddp_worker, args=(2, str(tmp_path / "init"), out_file, prefix_projection), nprocs=2,
+    out_file = str(workdir / "grads.pt")
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.start_processes(_ddp_worker, args=(2, port, out_file, prefix_projection), nprocs=2,
                        join=True, start_method="spawn")
     ddp_grads = torch.load(out_file)
     model = build("bert-seq", prefix_projection=prefix_projection)
@@ -136,16 +142,16 @@ def test_ddp_two_processes_same_grads(tmp_path):
 # ------------------------------------------------------------------------------ save/load
 @pytest.mark.parametrize("prefix_projection", [True, False], ids=["prefix-tuning", "p-tuning-v2"])
 @pytest.mark.parametrize("family", ["llama", "bert-seq"])
-def test_save_load_keeps_peft_format(family, prefix_projection, tmp_path):
+def test_save_load_keeps_peft_format(family, prefix_projection, workdir):
     model = build(family, prefix_projection=prefix_projection)
     batch = batch_for(model)
     with torch.no_grad():
         stock = model(**batch).logits
-    model.save_pretrained(tmp_path / "stock")
+    model.save_pretrained(workdir / "stock")
     apply(model, backend="torch")
-    model.save_pretrained(tmp_path / "patched")
-    a = dict(_load_state(tmp_path / "stock"))
-    b = dict(_load_state(tmp_path / "patched"))
+    model.save_pretrained(workdir / "patched")
+    a = dict(_load_state(workdir / "stock"))
+    b = dict(_load_state(workdir / "patched"))
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k])
@@ -154,7 +160,7 @@ def test_save_load_keeps_peft_format(family, prefix_projection, tmp_path):
     for src, patch in (("stock", True), ("patched", False)):
         torch.manual_seed(0)  # same base weights as build()
         base, _ = FAMILIES[family]("sdpa")
-        loaded = PeftModel.from_pretrained(base, tmp_path / src).eval()
+        loaded = PeftModel.from_pretrained(base, workdir / src).eval()
         if patch:
             apply(loaded, backend="torch")
         with torch.no_grad():

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from .ops.prefix_attention import prefix_attention
-from .reference import prefix_attention_reference
+from .ops.prefix_mlp import prefix_mlp
+from .reference import prefix_attention_reference, prefix_mlp_reference
 from .testing import compare
 
 # (B, Hq, Hkv, L, S, P, D, causal, padded) -- ragged on purpose
@@ -22,6 +23,12 @@ ATTENTION_CASES = [
     (2, 4, 2, 37, 37, 11, 64, True, False),
     (2, 2, 1, 19, 45, 0, 80, True, True),
     (3, 4, 4, 23, 23, 130, 96, False, True),
+]
+
+# (P, E, H1, num_layers, Hkv, D, activation) -- ragged on purpose
+MLP_CASES = [
+    (37, 48, 70, 3, 2, 80, "tanh"),
+    (5, 33, 50, 2, 3, 64, "gelu"),
 ]
 
 
@@ -70,18 +77,50 @@ def _attention_case(case, dtype, device, backend) -> Row:
         return [o, *torch.autograd.grad(o, ls, dout.to(cast))]
 
     ref64, plain = run_ref(torch.float64), run_ref(dtype)
-    names = ["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"]
-    worst = 0.0
-    for name, ours, p, r in zip(names, [out, *grads], plain, ref64):
-        c = compare(name, ours, p, r)
-        worst = max(worst, c.err / c.bound if c.bound > 0 else (0.0 if c.err == 0 else float("inf")))
+    worst = _worst(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], [out, *grads], plain, ref64)
     shape = f"B{B} Hq{Hq}/{Hkv} L{L} S{S} P{P} D{D}{' causal' if causal else ''}{' pad' if padded else ''}"
     return Row("prefix_attention", backend, str(device), str(dtype).replace("torch.", ""), shape, worst, seconds)
 
 
+def _mlp_case(case, dtype, device, backend) -> Row:
+    P, E, H1, layers, Hkv, D, act = case
+    g = torch.Generator(device="cpu").manual_seed(4321)
+    N = layers * 2 * Hkv * D
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype).requires_grad_()
+
+    leaves = [rnd(P, E), rnd(H1, E, scale=E ** -0.5), rnd(H1), rnd(N, H1, scale=H1 ** -0.5), rnd(N)]
+    kw = dict(num_layers=layers, num_kv_heads=Hkv, head_dim=D, activation=act)
+    t0 = time.perf_counter()
+    out = prefix_mlp(*leaves, **kw, backend=backend)
+    dout = torch.randn(out.shape, generator=g).to(device=device, dtype=dtype)
+    grads = torch.autograd.grad(out, leaves, dout)
+    seconds = time.perf_counter() - t0
+
+    def run_ref(cast):
+        ls = [t.detach().to(cast).requires_grad_() for t in leaves]
+        o = prefix_mlp_reference(*ls, **kw)
+        return [o, *torch.autograd.grad(o, ls, dout.to(cast))]
+
+    worst = _worst(["out", "dx", "dw1", "db1", "dw2", "db2"], [out, *grads], run_ref(dtype), run_ref(torch.float64))
+    shape = f"P{P} E{E} H1 {H1} layers{layers} Hkv{Hkv} D{D} {act}"
+    return Row("prefix_mlp", backend, str(device), str(dtype).replace("torch.", ""), shape, worst, seconds)
+
+
+def _worst(names, ours_list, plain_list, ref_list) -> float:
+    """Largest error/bound ratio of the tolerance rule over several tensors (<= 1 passes)."""
+    worst = 0.0
+    for name, ours, p, r in zip(names, ours_list, plain_list, ref_list):
+        c = compare(name, ours, p, r)
+        worst = max(worst, c.err / c.bound if c.bound > 0 else (0.0 if c.err == 0 else float("inf")))
+    return worst
+
+
 def run_checks(backend: str, device: str) -> list[Row]:
     dtypes = [torch.float32] if device == "cpu" else [torch.float16, torch.bfloat16, torch.float32]
-    return [_attention_case(c, dt, device, backend) for dt in dtypes for c in ATTENTION_CASES]
+    rows = [_attention_case(c, dt, device, backend) for dt in dtypes for c in ATTENTION_CASES]
+    return rows + [_mlp_case(c, dt, device, backend) for dt in dtypes for c in MLP_CASES]
 
 
 def print_table(rows: list[Row]) -> None:

@@ -15,4 +15,4 @@ def aot_specs() -> list[KernelSpec]:
     return fwd_specs() + bwd_specs()
 
 
-__all__ = ["attention_forward", "attention_backward", "dropout_keep_mask", "aot_specs"]
+__all__ = ["aot_specs", "attention_backward", "attention_forward", "dropout_keep_mask"]

@@ -13,9 +13,25 @@ import triton
 import triton.language as tl
 
 from .kernel_spec import KernelSpec
-from .prefix_attention_fwd import (_TL_DTYPES, BLOCK_DS, CONFIG_OVERRIDE, _dot, _sdot, _dropout_keep, _dummies, _exp, _log_domain,
-                                   UNIT_STRIDES, align_inputs, block_d_for, family, make_signature, unit_strides,
-                                   vec_for, vstrides)
+from .prefix_attention_fwd import (
+    _TL_DTYPES,
+    BLOCK_DS,
+    CONFIG_OVERRIDE,
+    UNIT_STRIDES,
+    _dot,
+    _dropout_keep,
+    _dummies,
+    _exp,
+    _log_domain,
+    _sdot,
+    align_inputs,
+    block_d_for,
+    family,
+    make_signature,
+    unit_strides,
+    vec_for,
+    vstrides,
+)
 
 
 @triton.jit
@@ -142,7 +158,7 @@ def _attn_bwd_dkdv(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, Delta, RowL, DK, DV, DPK
         inv_keep = 1.0 / (1.0 - dropout_p)
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for g in range(0, GROUP):
+    for g in range(GROUP):
         h = hk * GROUP + g
         bh = b * Hq + h
         bh64 = bh.to(tl.int64)

@@ -17,8 +17,6 @@ import triton.language as tl
 
 from .kernel_spec import KernelSpec
 
-LOG2E = 1.4426950408889634
-
 # The Triton interpreter multiplies bf16 tiles as their raw uint16 storage (triton 3.9), so under
 # TRITON_INTERPRET=1 bf16 dot operands are widened to fp32 first (exact: same products, fp32 sums).
 # Compiled kernels never take this branch.
@@ -276,10 +274,6 @@ def fwd_config(dtype: torch.dtype, block_d: int):
     return CONFIG_OVERRIDE.get("fwd", FWD_CONFIGS[(family(dtype), block_d)])
 
 
-def ptr_type(dtype: torch.dtype) -> str:
-    return "*" + _TL_DTYPES[dtype]
-
-
 def make_signature(fn, types: dict, default: str = "i32", skip=()) -> dict:
     """Signature for every non-constexpr argument of ``fn`` not in ``skip``: ``types`` overrides ``default``."""
     params = inspect.signature(fn.fn).parameters.values()
@@ -287,8 +281,8 @@ def make_signature(fn, types: dict, default: str = "i32", skip=()) -> dict:
             and p.annotation != "tl.constexpr" and p.name not in skip}
 
 
-# Triton specializes an integer argument equal to 1 into a constexpr at launch; the shipped
-# configurations are the ones every input with a unit head-dim stride gets.
+# The launchers always pass a unit head-dim stride (align_inputs guarantees it) and Triton turns an
+# integer argument equal to 1 into a constexpr at launch, so the shipped specs have them as constexpr 1.
 UNIT_STRIDES = ("s_qd", "s_kd", "s_vd", "s_pkd", "s_pvd", "s_dod")
 
 
@@ -413,4 +407,4 @@ def dropout_keep_mask(seed, B, Hq, L, P, S, dropout_p, device):
     return mask
 
 
-__all__ = ["attention_forward", "dropout_keep_mask", "fwd_specs", "block_d_for", "LOG2E"]
+__all__ = ["attention_forward", "block_d_for", "dropout_keep_mask", "fwd_specs"]

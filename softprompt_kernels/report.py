@@ -162,7 +162,8 @@ def main(argv: Optional[list] = None) -> int:
         errors = [r for r in compiled if r["error"]]
         spills = [r for r in compiled if not r["error"] and r["spills"]]
         print(f"{len(compiled)} compiles: {len(errors)} errors, {len(spills)} with spills, "
-              f"triton {compiled[0]['triton_version'] if compiled else '?'}; compile_s is host CPU compile time.\n")
+              f"triton {compiled[0]['triton_version'] if compiled else '?'}; "
+              "compile_s = seconds the compile took on this host (no GPU involved).\n")
         rc = 1 if errors else 0
     rows = analytic_rows()
     print("== analytic FLOPs / minimum bytes per canonical shape ==")

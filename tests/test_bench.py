@@ -136,6 +136,10 @@ def test_table_json_and_png(tmp_path):
     write_json(str(tmp_path / "b.json"), env, rows, {"k": 1})
     data = json.loads((tmp_path / "b.json").read_text())
     assert data["rows"][0]["ratio"] == pytest.approx(2.0) and data["rows"][2]["ratio"] is None
+    from softprompt_kernels.bench.markdown import render
+
+    md = render(str(tmp_path / "b.json"))
+    assert "test CPU" in md and "| suite | case |" in md and "| 2.00x |" in md
     assert write_plot(str(tmp_path / "b.png"), env, rows)
     assert (tmp_path / "b.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -82,7 +82,7 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     if not _fast_ok(q, k, causal, dropout_p):
         return _lib.attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
                                       causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
-    B, Hq, L, D = q.shape
+    B, Hq, L, _ = q.shape
     o_seq, lse_seq = _flash(q, _kv_for_heads(k, Hq), _kv_for_heads(v, Hq), causal,
                             _additive_mask(key_padding_mask, q.dtype), scale)
     seen = _seq_seen(key_padding_mask, B, L, k.shape[2], causal, q.device)
@@ -106,7 +106,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         return _lib.attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
                                        causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
                                        deterministic=deterministic)
-    B, Hq, L, D = q.shape
+    B, Hq, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     G = Hq // Hkv
     seen = torch.isfinite(lse)

@@ -1,6 +1,6 @@
 """Markdown tables from ``bench.json`` files (for docs/results.md and the README).
 
-    python -m softprompt_kernels.bench.markdown bench-results/bench.json [more.json ...]
+    python -m softprompt_kernels.bench.markdown bench_results/bench.json [more.json ...]
 """
 from __future__ import annotations
 
@@ -44,7 +44,11 @@ def render(path: str) -> str:
     parts = [environment_line(data["environment"]), "", rows_table(data["rows"])]
     targets = data.get("meta", {}).get("targets")
     if targets:
-        parts += ["", "End-to-end targets:", ""] + [f"- {t.strip()}" for t in targets]
+        cfg = data.get("meta", {}).get("e2e_config") or {}
+        at = f" at B={cfg.get('B')}, L={cfg.get('L')}" if cfg else ""
+        if cfg and not data.get("meta", {}).get("full"):
+            at += " (quick shape, not the acceptance shape)"
+        parts += ["", f"End-to-end targets{at}:", ""] + [f"- {t.strip()}" for t in targets]
     return "\n".join(parts)
 
 

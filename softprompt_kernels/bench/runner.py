@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--full", action="store_true", help="every shape, more repeats, end-to-end at the acceptance shape")
     p.add_argument("--suite", action="append", choices=SUITES, help="run only this suite (repeatable)")
     p.add_argument("--no-selfcheck", action="store_true", help="skip the self-check that runs first")
-    p.add_argument("--out", default="bench-results", help="directory for bench.json / bench.png (default %(default)s)")
+    p.add_argument("--out", default="bench_results", help="directory for bench.json / bench.png (default %(default)s)")
     p.add_argument("--repeat", type=int, default=None, help="timed calls per microbenchmark (median)")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--e2e-steps", type=int, default=None, help="timed training steps per mode (median)")
@@ -180,7 +180,8 @@ def main(argv: Optional[list] = None) -> int:
             if r.suite == "train step" and r.extra.get("round_speedups"):
                 print(f"train step, PEFT/ours time per round (steps back to back): "
                       f"{', '.join(f'{x:.2f}' for x in r.extra['round_speedups'])}")
-        print("\nEnd-to-end targets (issue 6):")
+        scope = "" if args.full else " -- quick shape; the acceptance shape (B=8, L=256) runs with --full"
+        print(f"\nEnd-to-end targets (issue 6) at {cfg.shape}{scope}:")
         print("\n".join(target_lines(rows)))
     os.makedirs(args.out, exist_ok=True)
     meta = {"full": args.full, "suites": suites, "repeat": repeat, "backend": backend,

@@ -6,7 +6,7 @@ import torch
 import transformers
 from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
-from conftest import FAMILIES, P, apply, assert_same, batch_for, build, patched_vs_stock, remove, run
+from hf_tiny import FAMILIES, P, apply, assert_same, batch_for, build, patched_vs_stock, remove, run
 
 from softprompt_kernels.integrations.peft import SUPPORTED_MODEL_TYPES
 

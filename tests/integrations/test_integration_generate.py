@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import P, apply, batch_for, build, remove
+from hf_tiny import P, apply, batch_for, build, remove
 
 GEN_FAMILIES = ["gpt2", "llama", "qwen3", "mistral", "gemma", "bart"]
 NEW = 6

@@ -6,7 +6,7 @@ import pytest
 import torch
 from peft import PrefixTuningConfig
 
-from conftest import P, apply, batch_for, build, randomize_prefix, remove
+from hf_tiny import P, apply, batch_for, build, randomize_prefix, remove
 
 NAMES = ["default", "b", "b", "default"]
 

@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from peft import PeftModel
 
-from conftest import FAMILIES, apply, assert_same, batch_for, build, remove, run
+from hf_tiny import FAMILIES, apply, assert_same, batch_for, build, remove, run
 
 
 def no_dropout(model):

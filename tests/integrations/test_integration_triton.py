@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-from conftest import assert_same, batch_for, build, patched_vs_stock
+from hf_tiny import assert_same, batch_for, build, patched_vs_stock
 
 pytest.importorskip("triton")
 

@@ -9,15 +9,15 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt-kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("selfcheck", help="run the ops against the float64 reference on the present device")
-    sub.add_parser("bench", help="quick benchmark suite on the present device (runs the self-check first)")
+    sub.add_parser("bench", help="self-check, then the quick benchmark suite on the present device (--full: all shapes)")
     sub.add_parser("report", help="static report of the Triton kernels compiled for sm_80 / sm_90")
     args, rest = parser.parse_known_args(argv)
     if args.command == "selfcheck":
         from . import selfcheck
         return selfcheck.main(rest)
     if args.command == "bench":
-        from . import selfcheck
-        return selfcheck.main(rest)
+        from . import bench
+        return bench.main(rest)
     if args.command == "report":
         from . import report
         return report.main(rest)

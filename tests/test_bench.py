@@ -162,6 +162,7 @@ def test_runner_main_end_to_end(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "bench.png").exists()
 
 
+@pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
 @pytest.mark.parametrize("causal,padded,Hkv", [(True, True, 2), (False, True, 4), (True, False, 4)])
 def test_flex_baseline_mask_is_prefix_attention(causal, padded, Hkv):
     """The (GPU-only, compiled) FlexAttention baseline's mask, run uncompiled here, equals the op."""

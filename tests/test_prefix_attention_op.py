@@ -196,6 +196,10 @@ BAD = [
     (dict(dropout_p=1.0), ValueError, "dropout_p"),
     (dict(backend="fast"), ValueError, "backend must be one of"),
     (dict(backend="cuda"), ValueError, "needs CUDA tensors"),
+    (dict(q=torch.randn(2, 4, 5, 272), k=torch.randn(2, 2, 7, 272), v=torch.randn(2, 2, 7, 272), backend="triton"),
+     ValueError, "head dim D=272 is not supported"),
+    (dict(q=torch.randn(16385, 4, 1, 16), k=torch.randn(16385, 2, 1, 16), v=torch.randn(16385, 2, 1, 16),
+          backend="triton"), ValueError, "grid limit"),
 ]
 
 

@@ -59,6 +59,11 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, d
         raise ValueError(f"q heads Hq={Hq} must be a multiple of k/v heads Hkv={Hkv}")
     if S < L:
         raise ValueError(f"k/v length S={S} must be >= q length L={L} (queries are the last L positions)")
+    if backend in ("triton", "cuda"):
+        if not 1 <= D <= 256:
+            raise ValueError(f"head dim D={D} is not supported by backend {backend!r} (1 <= D <= 256); use backend='torch'")
+        if backend == "triton" and B * Hq > 65535:
+            raise ValueError(f"B * Hq = {B * Hq} exceeds the Triton launch grid limit 65535; split the batch")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if key_padding_mask is not None:

@@ -1,10 +1,13 @@
 """Every transformers / peft version-specific detail of the integration, in one place.
 
-Supported: transformers 5.17 .. 5.23, peft 0.21.  Features are detected with
-``hasattr`` / import probes rather than version strings where possible.
+Tested: transformers 5.17 .. 5.24, peft 0.21.  Features are detected with signature /
+attribute probes, not version strings; the version range only drives the warning that
+``apply`` gives on an untested release.
 """
 from __future__ import annotations
 
+import inspect
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -12,14 +15,41 @@ import transformers
 from transformers import masking_utils
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
-MIN_TRANSFORMERS = "5.17"
-MIN_PEFT = "0.21"
+TESTED_TRANSFORMERS = ("5.17", "5.24")  # oldest and newest minor release the test suite runs
+TESTED_PEFT = ("0.21", "0.21")
 
 __all__ = [
-    "Cache", "DynamicCache", "DynamicLayer", "EncoderDecoderCache",
+    "Cache", "DynamicCache", "DynamicLayer", "EncoderDecoderCache", "TESTED_TRANSFORMERS",
     "register_attention", "register_mask", "padding_mask", "is_plain_mask_function",
     "mask_function_is_causal", "get_attn_implementation", "set_attn_implementation",
+    "cache_kwarg", "accepts", "generation_position_ids", "warn_if_untested",
 ]
+
+
+def _minor(version: str) -> tuple:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def warn_if_untested() -> Optional[str]:
+    """Warn (once per call) when the installed transformers / peft is outside the tested range."""
+    import peft
+
+    msgs = []
+    for name, version, (lo, hi) in (("transformers", transformers.__version__, TESTED_TRANSFORMERS),
+                                    ("peft", peft.__version__, TESTED_PEFT)):
+        if not _minor(lo) <= _minor(version) <= _minor(hi):
+            msgs.append(f"{name} {version} (tested: {lo} .. {hi})")
+    if not msgs:
+        return None
+    msg = ("softprompt_kernels.apply has not been tested with " + ", ".join(msgs) + "; the integration checks "
+           "what it relies on, but compare a few outputs with the stock PEFT path (softprompt_kernels.remove) "
+           "before trusting it")
+    warnings.warn(msg, RuntimeWarning, stacklevel=3)
+    return msg
 
 
 def register_attention(name: str, fn: Callable) -> None:
@@ -40,20 +70,21 @@ def padding_mask(attention_mask: Optional[torch.Tensor], kv_length: int, kv_offs
     """The 2D bool padding mask ``[B, kv_length]`` (padded with False if short), or None."""
     if attention_mask is None:
         return None
-    if hasattr(masking_utils, "prepare_padding_mask"):
-        mask = masking_utils.prepare_padding_mask(attention_mask, kv_length, kv_offset)
-    else:  # pragma: no cover - older layout
-        pad = kv_length + kv_offset - attention_mask.shape[-1]
-        mask = torch.nn.functional.pad(attention_mask, (0, pad)) if pad > 0 else attention_mask
+    pad = kv_length + kv_offset - attention_mask.shape[-1]
+    mask = torch.nn.functional.pad(attention_mask, (0, pad)) if pad > 0 else attention_mask
     mask = mask[:, kv_offset: kv_offset + kv_length]
     return mask.to(torch.bool)
 
 
+_CAUSAL = getattr(masking_utils, "causal_mask_function", None)
+_BIDIRECTIONAL = getattr(masking_utils, "bidirectional_mask_function", None)
+
+
 def is_plain_mask_function(fn: Callable) -> Optional[bool]:
     """True: plain causal factory, False: plain bidirectional, None: something else."""
-    if fn is getattr(masking_utils, "causal_mask_function", object()):
+    if _CAUSAL is not None and fn is _CAUSAL:
         return True
-    if fn is getattr(masking_utils, "bidirectional_mask_function", object()):
+    if _BIDIRECTIONAL is not None and fn is _BIDIRECTIONAL:
         return False
     return None
 
@@ -67,7 +98,8 @@ def mask_function_is_causal(fn: Callable, batch_size: int, q_length: int, kv_len
     q = (torch.arange(q_length, device=device) + q_offset)[None, None, :, None]
     kv = (torch.arange(kv_length, device=device) + kv_offset)[None, None, None, :]
     got = torch.as_tensor(fn(b, h, q, kv), device=device)
-    return bool(torch.equal(got.expand(batch_size, 1, q_length, kv_length), (kv <= q).expand(batch_size, 1, q_length, kv_length)))
+    want = (kv <= q).expand(batch_size, 1, q_length, kv_length)
+    return bool(torch.equal(got.expand(batch_size, 1, q_length, kv_length), want))
 
 
 def get_attn_implementation(config) -> Optional[str]:
@@ -86,6 +118,44 @@ def set_attn_implementation(config, name: Optional[str]) -> None:
             cfg._attn_implementation_internal = name
         else:  # pragma: no cover
             cfg._attn_implementation = name
+
+
+def _params(fn) -> dict:
+    try:
+        return dict(inspect.signature(inspect.unwrap(fn)).parameters)
+    except (TypeError, ValueError):  # pragma: no cover - builtins
+        return {}
+
+
+def accepts(fn, name: str) -> bool:
+    """True iff ``fn`` has a parameter called ``name`` (decorators unwrapped)."""
+    return name in _params(fn)
+
+
+def cache_kwarg(fn) -> Optional[str]:
+    """Name of the KV-cache argument of a model ``forward``: ``"cache"`` (transformers >= 5.24),
+    ``"past_key_values"`` (earlier), or None when it takes none (encoder heads)."""
+    params = _params(fn)
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    return None
+
+
+def generation_position_ids(model, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """The ``position_ids`` that ``model.generate`` derives from a 2D attention mask (left padding
+    aware), computed by transformers' own helper where it has one."""
+    helper = getattr(model, "_prepare_position_ids_for_generation", None)
+    if helper is not None:
+        kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
+        try:
+            return helper(input_ids, kwargs)
+        except TypeError:  # pragma: no cover - other signature
+            pass
+    if attention_mask is None:  # pragma: no cover
+        return torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+    pos = attention_mask.long().cumsum(-1) - 1
+    return pos.masked_fill(attention_mask == 0, 0)
 
 
 def seq2seq_prefix_layer(decoder_layer: int, num_layers: int) -> int:

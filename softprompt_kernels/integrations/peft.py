@@ -1,14 +1,12 @@
 """``apply`` / ``remove`` for a PEFT ``PeftModel`` with ``PrefixTuningConfig``.
 
-``apply`` keeps PEFT's own forward / generate logic (mask concatenation, position
-offsets, labels, classification heads) and swaps three things on the instance:
-
-* ``get_prompt`` returns a ``PrefixCache`` (lengths count the P virtual tokens, the
-  stored K/V never contain them) built from the prefix computed ONCE by ``prefix_mlp``
-  (``prefix_projection=True``) or read from the embedding (``False``);
-* ``forward`` / ``prepare_inputs_for_generation`` add the kwarg ``softprompt_prefix``
-  that carries the ``[num_layers, 2, T, Hkv, P, D]`` prefix to the attention function;
-* the base config's attention implementation becomes ``softprompt_<backend>``.
+``apply`` replaces the instance's ``forward`` and ``generate`` by ours
+(``peft_forward``): PEFT stays the container of parameters, configs and checkpoint
+files, but PEFT's prefix-tuning forward (which rides on ``past_key_values``) no longer
+runs.  The prefix is computed ONCE per step (``prefix_mlp`` for
+``prefix_projection=True``, a view of the embedding otherwise) and reaches every
+attention layer as the kwarg ``softprompt_prefix``; the base config's attention
+implementation becomes ``softprompt_<backend>``.
 
 ``forward(..., adapter_names=[...])`` and ``generate(..., adapter_names=[...])`` run
 rows with different prefix adapters in one batch (multi-task prefix form).
@@ -16,32 +14,18 @@ rows with different prefix adapters in one batch (multi-task prefix form).
 from __future__ import annotations
 
 import functools
-import re
 from types import MethodType
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from . import _compat
-from .transformers import LAYER_ATTR, PREFIX_KWARG, PrefixState, find_prefix_state, make_cache, register
+from . import _compat, model_map, peft_forward
+from .transformers import LAYER_ATTR, PrefixState, register
 
-# model_type -> regex on module names selecting the attention modules that receive layer i's prefix
-# (the modules PEFT's cache reaches: every self-attention; BART: decoder self-attention only).
-_LAYER_PATTERNS = {
-    "gpt2": r"(?:^|\.)h\.(\d+)\.attn$",
-    "llama": r"(?:^|\.)layers\.(\d+)\.self_attn$",
-    "mistral": r"(?:^|\.)layers\.(\d+)\.self_attn$",
-    "qwen2": r"(?:^|\.)layers\.(\d+)\.self_attn$",
-    "qwen3": r"(?:^|\.)layers\.(\d+)\.self_attn$",
-    "gemma": r"(?:^|\.)layers\.(\d+)\.self_attn$",
-    "bert": r"(?:^|\.)encoder\.layer\.(\d+)\.attention\.self$",
-    "roberta": r"(?:^|\.)encoder\.layer\.(\d+)\.attention\.self$",
-    "bart": r"(?:^|\.)decoder\.layers\.(\d+)\.self_attn$",
-}
-SUPPORTED_MODEL_TYPES = tuple(sorted(_LAYER_PATTERNS))
 _ATTR = "_softprompt_runtime"
-_PATCHED = ("forward", "get_prompt", "prepare_inputs_for_generation", "generate")
+_PATCHED = ("forward", "generate")
+_TASKS = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION", "SEQ_2_SEQ_LM")
 
 
 def _peft_classes():
@@ -53,15 +37,24 @@ def _peft_classes():
 class _Runtime:
     """What ``apply`` installed on one PeftModel (and what ``remove`` undoes)."""
 
-    def __init__(self, model, backend: str, num_layers: int, encoder_decoder: bool, attn_name: str,
-                 orig_attn: Optional[str]):
+    def __init__(self, model, backend: str, attn_name: str, orig_attn: Optional[str]):
+        cfg = model.active_peft_config
+        base = model.get_base_model()
         self.model = model
         self.backend = backend
-        self.num_layers = num_layers
-        self.encoder_decoder = encoder_decoder
         self.attn_name = attn_name
         self.orig_attn = orig_attn
-        self.pending: Optional[PrefixState] = None
+        self.num_layers = cfg.num_layers
+        self.num_virtual_tokens = cfg.num_virtual_tokens
+        self.task_type = str(getattr(cfg.task_type, "value", cfg.task_type))
+        self.encoder_decoder = cfg.num_transformer_submodules == 2
+        self.cache_name = _compat.cache_kwarg(type(base).forward)
+        self.window = model_map.sliding_window(base.config)
+        self.drops_token_type_ids = self.task_type in ("CAUSAL_LM", "FEATURE_EXTRACTION")
+        # RoBERTa-style embeddings count positions from padding_idx over real tokens
+        self.padding_aware_positions = next(
+            (m for m in base.modules() if hasattr(m, "create_position_ids_from_input_ids")
+             and isinstance(getattr(m, "padding_idx", None), int)), None)
 
     # ---------------------------------------------------------------- prefix
     def adapter_kv(self, adapter: str) -> Tensor:
@@ -90,6 +83,7 @@ class _Runtime:
         return kv
 
     def build_state(self, adapter_names: Optional[Sequence[str]] = None) -> PrefixState:
+        """The prefix of one forward / generate call: active adapter, or one adapter per row."""
         model = self.model
         if adapter_names is None:
             kv = self.adapter_kv(model.active_adapter).unsqueeze(2)
@@ -124,21 +118,32 @@ def _check_prefix_config(cfg, name: str) -> None:
                          "supports PeftModel adapters with PrefixTuningConfig only")
 
 
-def _find_layers(base_model, model_type: str, num_layers: int, encoder_decoder: bool) -> Dict[object, int]:
-    """``{attention module: prefix layer}`` for the modules PEFT's cache reaches."""
-    pattern = re.compile(_LAYER_PATTERNS[model_type])
-    layers: Dict[object, int] = {}
-    seen = set()
-    for name, module in base_model.named_modules():
-        m = pattern.search(name)
-        if m:
-            idx = int(m.group(1))
-            layers[module] = _compat.seq2seq_prefix_layer(idx, num_layers) if encoder_decoder else idx
-            seen.add(idx)
-    if seen != set(range(num_layers)):
-        raise ValueError(f"found attention layers {sorted(seen)} in the {model_type!r} model but the prefix has "
-                         f"num_layers={num_layers}")
-    return layers
+def _forward_impl(rt: _Runtime, model):
+    """Which of ``peft_forward``'s forwards reproduces PEFT's path for this model."""
+    if rt.encoder_decoder:
+        return peft_forward.seq2seq_forward
+    if rt.task_type in ("SEQ_CLS", "TOKEN_CLS", "QUESTION_ANS") and rt.cache_name is None:
+        return peft_forward.encoder_head_forward
+    return peft_forward.decoder_forward
+
+
+def _check_model(model, cfg, base) -> None:
+    config = base.config
+    model_type = getattr(config, "model_type", type(base).__name__)
+    task = str(getattr(cfg.task_type, "value", cfg.task_type))
+    if task not in _TASKS:
+        raise ValueError(f"softprompt_kernels.apply: PEFT task type {task!r} is not supported; supported: "
+                         f"{', '.join(_TASKS)}")
+    encoder_decoder = cfg.num_transformer_submodules == 2
+    if encoder_decoder != bool(getattr(config, "is_encoder_decoder", False)):
+        raise ValueError(f"softprompt_kernels.apply: PrefixTuningConfig.num_transformer_submodules="
+                         f"{cfg.num_transformer_submodules} does not match the {model_type!r} model")
+    if encoder_decoder and task != "SEQ_2_SEQ_LM":
+        raise ValueError(f"softprompt_kernels.apply: task type {task} on the encoder-decoder model {model_type!r} is "
+                         "not supported (PEFT's prefix path for it is SEQ_2_SEQ_LM only)")
+    if not encoder_decoder and not _compat.accepts(type(base).forward, "position_ids"):
+        raise ValueError(f"softprompt_kernels.apply: model type {model_type!r} is not supported: its forward takes no "
+                         "position_ids, so the model's tokens cannot be given PEFT's positions P, P+1, ...")
 
 
 def apply(model, *, backend: str = "auto"):
@@ -146,39 +151,32 @@ def apply(model, *, backend: str = "auto"):
 
     ``model``: ``peft.PeftModel`` whose active adapter uses ``PrefixTuningConfig``
     (``prefix_projection`` True or False).  ``backend``: ``auto|triton|cuda|torch``
-    for both ops.  Returns ``model``.  Numbers equal the stock PEFT path.
+    for both ops.  Returns ``model``.  Numbers equal the stock PEFT path; what the op
+    cannot express raises ``ValueError`` here, naming the model type and the reason.
     """
     PeftModel = _peft_classes()
     if not isinstance(model, PeftModel):
         raise TypeError(f"model must be a peft.PeftModel with PrefixTuningConfig, got {type(model).__name__}")
-    if getattr(model, _ATTR, None) is not None:
-        remove(model)
+    name = register(backend)  # validates backend before anything changes
     cfg = model.active_peft_config
     _check_prefix_config(cfg, model.active_adapter)
     base = model.get_base_model()
-    config = base.config
-    model_type = getattr(config, "model_type", None)
-    if model_type not in _LAYER_PATTERNS:
-        raise ValueError(f"softprompt_kernels.apply does not support model type {model_type!r}; supported: "
-                         f"{', '.join(SUPPORTED_MODEL_TYPES)}. The stock PEFT path is left unchanged.")
-    encoder_decoder = cfg.num_transformer_submodules == 2
-    if encoder_decoder != bool(getattr(config, "is_encoder_decoder", False)):
-        raise ValueError(f"PrefixTuningConfig.num_transformer_submodules={cfg.num_transformer_submodules} does not "
-                         f"match the {model_type!r} model")
-    layers = _find_layers(base, model_type, cfg.num_layers, encoder_decoder)
-    name = register(backend)
-    rt = _Runtime(model, backend, cfg.num_layers, encoder_decoder, name,
-                  _compat.get_attn_implementation(config))
+    _check_model(model, cfg, base)
+    layers = model_map.find_prefix_layers(base, cfg, cfg.num_transformer_submodules == 2)
+    _compat.warn_if_untested()
+    if getattr(model, _ATTR, None) is not None:
+        remove(model)
+    rt = _Runtime(model, backend, name, _compat.get_attn_implementation(base.config))
     for module, idx in layers.items():
         setattr(module, LAYER_ATTR, idx)
-    _install(model, rt)
-    _compat.set_attn_implementation(config, name)
+    _install(model, rt, _forward_impl(rt, model))
+    _compat.set_attn_implementation(base.config, name)
     return model
 
 
 def remove(model):
     """Undo ``apply``: stock PEFT behaviour and the original attention implementation. Returns ``model``."""
-    rt = getattr(model, _ATTR, None)
+    rt = model.__dict__.get(_ATTR)
     if rt is None:
         return model
     for attr in _PATCHED:
@@ -191,57 +189,17 @@ def remove(model):
     return model
 
 
-def _runtime(model) -> _Runtime:
-    return model.__dict__[_ATTR]
-
-
-def _forward(self, *args, adapter_names=None, **kwargs):
-    rt = _runtime(self)
-    state = rt.build_state(adapter_names)  # the one prefix evaluation of this step
-    prev, rt.pending = rt.pending, state
-    try:
-        kwargs[PREFIX_KWARG] = state
-        return type(self).forward(self, *args, **kwargs)
-    finally:
-        rt.pending = prev
-
-
-def _get_prompt(self, batch_size, task_ids=None, max_cache_len=None):
-    rt = _runtime(self)
-    state = rt.pending if rt.pending is not None else rt.build_state(None)
-    return make_cache(state.expand_rows(batch_size), rt.num_layers, rt.encoder_decoder)
-
-
-def _prepare_inputs_for_generation(self, *args, **kwargs):
-    model_kwargs = type(self).prepare_inputs_for_generation(self, *args, **kwargs)
-    state = find_prefix_state(model_kwargs.get("past_key_values"))
-    if state is not None:
-        model_kwargs[PREFIX_KWARG] = state
-    return model_kwargs
-
-
-def _generate(self, *args, adapter_names=None, **kwargs):
-    rt = _runtime(self)
-    prev, rt.pending = rt.pending, (rt.build_state(adapter_names) if adapter_names is not None else None)
-    try:
-        return type(self).generate(self, *args, **kwargs)
-    finally:
-        rt.pending = prev
-
-
-def _install(model, rt: _Runtime) -> None:
+def _install(model, rt: _Runtime, forward_impl) -> None:
     """Instance-level overrides; each keeps the signature of the method it wraps (Trainer reads it)."""
     cls = type(model)
     model.__dict__[_ATTR] = rt
-    for name, impl in (("forward", _forward), ("get_prompt", _get_prompt),
-                       ("prepare_inputs_for_generation", _prepare_inputs_for_generation), ("generate", _generate)):
-        if not hasattr(cls, name):
-            continue
 
-        def make(impl=impl, orig=getattr(cls, name)):
-            @functools.wraps(orig)
-            def wrapper(self, *args, **kwargs):
-                return impl(self, *args, **kwargs)
-            return wrapper
+    def make(impl, orig):
+        @functools.wraps(orig)
+        def wrapper(self, *args, **kwargs):
+            return impl(rt, self, *args, **kwargs)
+        return wrapper
 
-        model.__dict__[name] = MethodType(make(), model)
+    model.__dict__["forward"] = MethodType(make(forward_impl, cls.forward), model)
+    if hasattr(cls, "generate"):
+        model.__dict__["generate"] = MethodType(make(peft_forward.generate, cls.generate), model)

@@ -5,12 +5,14 @@
   their prefix layer in the attribute ``_softprompt_prefix_layer``.  It travels to the attention function as the
   forward kwarg ``softprompt_prefix`` (kwargs survive gradient checkpointing).
 * ``PrefixCache``: a ``DynamicCache`` whose layers hold only the model's own tokens but
-  report ``P`` extra tokens, so that positions, ``cache_position`` and mask sizes are
-  exactly those of PEFT's concatenated cache, without ever concatenating the prefix.
+  report ``P`` extra tokens.  Used only for encoder-decoder models, whose decoder takes
+  no ``position_ids``: there the reported length is what gives the decoder tokens PEFT's
+  positions ``P, P+1, ...``.  Decoder-only and encoder models get explicit ``position_ids``
+  and a plain cache of their own tokens.
 * ``attention_forward`` / ``mask_forward``: registered with ``AttentionInterface`` /
   ``AttentionMaskInterface`` under ``softprompt_<backend>``.  The mask function returns
   the 2D bool padding mask ``[B, kv_length]`` (True = real token) or None; the
-  attention function drops its first ``kv_length - S`` (prefix) columns and calls
+  attention function keeps its last ``S`` columns (those of the module's keys) and calls
   ``prefix_attention``.
 """
 from __future__ import annotations
@@ -53,21 +55,24 @@ class PrefixState:
     def num_virtual_tokens(self) -> int:
         return self.kv.shape[-2]
 
-    def for_module(self, module):
-        """(prefix_k, prefix_v, prefix_index) for ``module``, or (None, None, None)."""
+    def for_module(self, module, batch_size: int):
+        """(prefix_k, prefix_v, prefix_index) for ``module`` and a batch of ``batch_size`` rows, or
+        (None, None, None).  An index of ``n`` rows is ``repeat_interleave``-d to ``batch_size``
+        (``generate`` expands every input row to its beams / return sequences that way)."""
         layer = getattr(module, LAYER_ATTR, None)
         if layer is None:
             return None, None, None
         if self.index is None:  # shared form [Hkv, P, D]
             return self.kv[layer, 0, 0], self.kv[layer, 1, 0], None
-        return self.kv[layer, 0], self.kv[layer, 1], self.index
+        return self.kv[layer, 0], self.kv[layer, 1], self.expand_rows(batch_size).index
 
     def expand_rows(self, batch_size: int) -> "PrefixState":
         """Same prefix for a batch ``repeat_interleave``-d to ``batch_size`` rows (beam search)."""
         if self.index is None or self.index.shape[0] == batch_size:
             return self
-        if batch_size % self.index.shape[0]:
-            raise ValueError(f"batch of {batch_size} rows is not a multiple of the {self.index.shape[0]} task rows")
+        if self.index.shape[0] == 0 or batch_size % self.index.shape[0]:
+            raise ValueError(f"adapter_names has {self.index.shape[0]} entries but the batch has {batch_size} rows "
+                             "(one adapter name per row)")
         idx = self.index.repeat_interleave(batch_size // self.index.shape[0])
         return PrefixState(self.kv, idx, self.backend)
 
@@ -161,6 +166,16 @@ def _unsupported(kwargs) -> Optional[str]:
     return None
 
 
+def _check_window(module, kwargs, num_virtual_tokens: int, num_keys: int) -> None:
+    """A sliding window hides keys once prefix + sequence outgrow it: refuse, never differ."""
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    if window is not None and not isinstance(window, bool) and num_virtual_tokens + num_keys > int(window):
+        raise NotImplementedError(
+            f"softprompt_kernels: {type(module).__name__} (layer {getattr(module, 'layer_idx', '?')}) uses a sliding "
+            f"window of {int(window)} keys, but the {num_virtual_tokens} virtual tokens + {num_keys} tokens exceed it, so "
+            "the window would hide part of the prefix or sequence; call softprompt_kernels.remove(model) for that length")
+
+
 def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Optional[Tensor],
                       scaling: Optional[float] = None, dropout: float = 0.0, *, _backend: str = "auto", **kwargs):
     """transformers attention function: q ``[B,Hq,L,D]``, k/v ``[B,Hkv,S,D]`` -> ``([B,L,Hq,D], None)``."""
@@ -171,12 +186,14 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     state: Optional[PrefixState] = kwargs.get(PREFIX_KWARG)
     pk = pv = idx = None
     backend = _backend
-    if state is not None:
-        pk, pv, idx = state.for_module(module)
-        backend = state.backend
-        if pk is not None and pk.dtype != query.dtype:
-            pk, pv = pk.to(query.dtype), pv.to(query.dtype)
     S = key.shape[2]
+    if state is not None:
+        pk, pv, idx = state.for_module(module, query.shape[0])
+        backend = state.backend
+        if pk is not None:
+            if pk.dtype != query.dtype:
+                pk, pv = pk.to(query.dtype), pv.to(query.dtype)
+            _check_window(module, kwargs, pk.shape[-2], S)
     kpm = None
     if attention_mask is not None:
         if attention_mask.dtype != torch.bool or attention_mask.dim() != 2:

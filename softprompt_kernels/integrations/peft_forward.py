@@ -23,6 +23,7 @@ Every function takes the ``_Runtime`` (``rt``) and the ``PeftModel`` (``model``)
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Optional
 
@@ -243,12 +244,16 @@ def generate(rt, model, *args, adapter_names=None, **kwargs):
     prepare = base.prepare_inputs_for_generation  # bound method (class attribute or an earlier override)
     had_override = "prepare_inputs_for_generation" in base.__dict__
 
+    @functools.wraps(prepare)  # generate validates its kwargs against this signature
     def prepare_with_prefix(*a, **kw):
         inputs = prepare(*a, **kw)
         inputs[PREFIX_KWARG] = state
         if rt.encoder_decoder:
             cache = inputs.get(rt.cache_name)
-            if find_prefix_state(cache) is None and (cache is None or cache.get_seq_length() == 0):
+            # a fresh prefix cache at prefill, and at every step without use_cache (the decoder then
+            # re-reads its whole input, so a cache carried over would hold its tokens twice)
+            fresh = inputs.get("use_cache", kw.get("use_cache")) is False
+            if fresh or (find_prefix_state(cache) is None and (cache is None or cache.get_seq_length() == 0)):
                 rows = inputs["decoder_input_ids"].shape[0]
                 inputs[rt.cache_name] = make_cache(state.expand_rows(rows), rt.num_layers, encoder_decoder=True)
         return inputs

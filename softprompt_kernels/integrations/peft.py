@@ -70,11 +70,14 @@ class _Runtime:
             lin1, act, lin2 = enc.transform
             if not isinstance(act, torch.nn.Tanh):
                 raise ValueError(f"PrefixEncoder.transform[1] must be Tanh (PEFT's), got {type(act).__name__}")
-            from ..ops.prefix_mlp import prefix_mlp
+            if weight.dtype == torch.float64:  # the fused op is 16/32-bit only: PEFT's own module, same layout
+                kv = enc.transform(weight).view(P, NL, 2, H, D).permute(1, 2, 3, 0, 4)
+            else:
+                from ..ops.prefix_mlp import prefix_mlp
 
-            mlp_backend = self.backend if self.backend in ("auto", "triton", "torch") else "auto"
-            kv = prefix_mlp(weight, lin1.weight, lin1.bias, lin2.weight, lin2.bias, num_layers=NL,
-                            num_kv_heads=H, head_dim=D, activation="tanh", backend=mlp_backend)
+                mlp_backend = self.backend if self.backend in ("auto", "triton", "torch") else "auto"
+                kv = prefix_mlp(weight, lin1.weight, lin1.bias, lin2.weight, lin2.bias, num_layers=NL,
+                                num_kv_heads=H, head_dim=D, activation="tanh", backend=mlp_backend)
         else:  # PEFT reads the embedding itself: row p = [layer, kv, head, d] flattened
             kv = weight.view(P, NL, 2, H, D).permute(1, 2, 3, 0, 4)
         dtype = model.base_model_torch_dtype
@@ -196,8 +199,8 @@ def _install(model, rt: _Runtime, forward_impl) -> None:
 
     def make(impl, orig):
         @functools.wraps(orig)
-        def wrapper(self, *args, **kwargs):
-            return impl(rt, self, *args, **kwargs)
+        def wrapper(self, *args, **kwargs):  # the runtime is looked up on self: deepcopy-safe
+            return impl(self.__dict__[_ATTR], self, *args, **kwargs)
         return wrapper
 
     model.__dict__["forward"] = MethodType(make(forward_impl, cls.forward), model)

@@ -1,5 +1,8 @@
 """Mixed-task batches: rows of one batch use different prefix adapters in ONE forward through the
-multi-task prefix form ([T, Hkv, P, D] + prefix_index); each row equals running its adapter alone."""
+multi-task prefix form ([T, Hkv, P, D] + prefix_index); each row equals running its adapter alone.
+
+The single-adapter runs are the patched model's own (test_integration_equivalence proves those equal
+stock PEFT, live or recorded): stock PEFT cannot run encoder prefix tuning on transformers >= 5.24."""
 import copy
 
 import pytest
@@ -29,8 +32,8 @@ def _weighted_loss(logits, weights):
     return (logits * weights).sum()
 
 
-def _stock_rows(model, inputs, weights):
-    """Stock PEFT, one adapter at a time on the whole batch, keeping the rows that use it:
+def _single_adapter_rows(model, inputs, weights):
+    """One adapter at a time on the whole batch, keeping the rows that use it:
     (logits, grads of sum(logits * weights) w.r.t. every prompt-encoder parameter)."""
     params = list(model.prompt_encoder.parameters())
     want, want_grads = None, [torch.zeros_like(p) for p in params]
@@ -57,14 +60,13 @@ def test_mixed_batch_rows_equal_single_adapter_runs(family, prefix_projection, s
     model = _two_adapters(family, prefix_projection)
     batch = batch_for(model, B=len(NAMES))
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    apply(model, backend="torch")
     torch.manual_seed(0)
     with torch.no_grad():
         weights = torch.randn(model(**inputs).logits.shape)
-    want, want_grads = _stock_rows(model, inputs, weights)
-    # float64 ground truth for the gradient sums (DESIGN section 4 rule: patched error <= 2x stock error)
-    ref, ref_grads = _stock_rows(copy.deepcopy(model).double(), inputs, weights)
-
-    apply(model, backend="torch")
+    want, want_grads = _single_adapter_rows(model, inputs, weights)
+    # float64 ground truth for the gradient sums (DESIGN section 4 rule: mixed error <= 2x single-run error)
+    ref, ref_grads = _single_adapter_rows(apply(copy.deepcopy(model).double(), backend="torch"), inputs, weights)
     spy.calls.clear()
     got = model(**inputs, adapter_names=NAMES).logits
     params = list(model.prompt_encoder.parameters())
@@ -89,6 +91,7 @@ def test_mixed_batch_generate_matches_single_adapter_generate():
     batch = batch_for(model, B=len(NAMES), pad_side="left")
     kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5,
               min_new_tokens=5, do_sample=False, pad_token_id=0, num_beams=2)
+    apply(model, backend="torch")
     want = None
     singles = []
     for name in ("default", "b"):
@@ -100,9 +103,30 @@ def test_mixed_batch_generate_matches_single_adapter_generate():
         want[rows] = out[rows]
     assert not torch.equal(singles[0], singles[1])  # the adapters really generate differently
     model.set_adapter("default")
-    apply(model, backend="torch")
     got = model.generate(**kw, adapter_names=NAMES)
     assert torch.equal(got, want)
+    assert torch.equal(model.generate(**kw, adapter_names=NAMES, use_cache=False), want)  # cached = cache-free
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bart"])
+def test_mixed_batch_greedy_generate_cached_equals_cache_free(family):
+    model = _two_adapters(family, True)
+    apply(model, backend="torch")
+    batch = batch_for(model, B=len(NAMES), pad_side="left")
+    kw = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=5,
+              min_new_tokens=5, do_sample=False, pad_token_id=model.config.pad_token_id, adapter_names=NAMES)
+    assert torch.equal(model.generate(**kw), model.generate(**kw, use_cache=False))
+
+
+def test_adapter_names_of_the_wrong_length_say_so():
+    model = _two_adapters("llama", False)
+    apply(model, backend="torch")
+    batch = batch_for(model, B=4)
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but the batch has 4 rows"):
+        model(**batch, adapter_names=["default", "b"])
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but the batch has 4 rows"):
+        model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=2,
+                       adapter_names=["default", "b"])
 
 
 def test_unknown_adapter_name_is_rejected():

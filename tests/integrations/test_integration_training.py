@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 from peft import PeftModel
 
-from hf_tiny import FAMILIES, apply, assert_same, batch_for, build, remove, run
+from hf_tiny import FAMILIES, apply, assert_same, batch_for, build, remove, run, stock_or_none
 
 
 def no_dropout(model):
@@ -31,7 +31,7 @@ def test_gradient_checkpointing_same_grads(family, spy):
                 m.activation_dropout = 0.0
         cfg.dropout = cfg.attention_dropout = cfg.activation_dropout = 0.0
     batch = batch_for(model)
-    stock = run(model, batch)  # eval mode, no checkpointing
+    stock = stock_or_none(model, batch)  # eval mode, no checkpointing
     apply(model, backend="torch")
     no_dropout(model).train()
     plain = run(model, batch)
@@ -43,7 +43,8 @@ def test_gradient_checkpointing_same_grads(family, spy):
     model.gradient_checkpointing_disable()
     assert n_ckpt == 2 * n_plain  # every layer recomputed in backward, prefix still there
     assert_same(plain, ckpt, atol=0, rtol=0) if family != "bart" else assert_same(plain, ckpt)
-    assert_same(stock, ckpt)
+    if stock is not None:
+        assert_same(stock, ckpt)
 
 
 @pytest.mark.parametrize("family,expected", [("gpt2", 0.1), ("bert-seq", 0.1)])
@@ -145,10 +146,11 @@ def test_ddp_two_processes_same_grads(workdir):
 def test_save_load_keeps_peft_format(family, prefix_projection, workdir):
     model = build(family, prefix_projection=prefix_projection)
     batch = batch_for(model)
-    with torch.no_grad():
-        stock = model(**batch).logits
+    stock_runs = stock_or_none(model, batch) is not None
     model.save_pretrained(workdir / "stock")
     apply(model, backend="torch")
+    with torch.no_grad():
+        want = model(**batch).logits  # = stock PEFT's (test_integration_equivalence / _matrix)
     model.save_pretrained(workdir / "patched")
     a = dict(_load_state(workdir / "stock"))
     b = dict(_load_state(workdir / "patched"))
@@ -158,6 +160,8 @@ def test_save_load_keeps_peft_format(family, prefix_projection, workdir):
 
     # saved by stock PEFT -> loaded and patched; saved while patched -> loaded by stock PEFT
     for src, patch in (("stock", True), ("patched", False)):
+        if not patch and not stock_runs:
+            continue  # stock PEFT cannot run this model on this transformers
         torch.manual_seed(0)  # same base weights as build()
         base, _ = FAMILIES[family]("sdpa")
         loaded = PeftModel.from_pretrained(base, workdir / src).eval()
@@ -165,7 +169,7 @@ def test_save_load_keeps_peft_format(family, prefix_projection, workdir):
             apply(loaded, backend="torch")
         with torch.no_grad():
             got = loaded(**batch).logits
-        torch.testing.assert_close(got, stock, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     remove(model)
 
 

@@ -265,3 +265,21 @@ def generate(model, batch, use_cache: bool):
                          max_new_tokens=GEN_NEW, min_new_tokens=GEN_NEW, do_sample=False, num_beams=1,
                          pad_token_id=pad, use_cache=use_cache)
     return out.detach().cpu()
+
+
+@torch.no_grad()
+def greedy_forward(model, batch):
+    """Greedy decoding by GEN_NEW full forwards (no cache, no ``generate``): what stock greedy
+    ``generate(min_new_tokens=GEN_NEW)`` must give.  Positions come from the attention mask as in
+    ``generate`` (``cumsum - 1``; PEFT adds P itself), EOS is suppressed (``min_new_tokens``).
+    A generate oracle that needs only a working stock forward."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    eos = model.base_model.config.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    for _ in range(GEN_NEW):
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, -1].float()
+        logits[:, eos] = float("-inf")
+        ids = torch.cat([ids, logits.argmax(-1, keepdim=True)], 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    return ids

@@ -91,6 +91,12 @@ def fixture_generate(family: str, prefix_projection: bool, use_cache: bool = Tru
     return load_fixture(family, prefix_projection)["generate_cache" if use_cache else "generate_nocache"]
 
 
+def fixture_greedy(family: str, prefix_projection: bool):
+    """Greedy tokens by full stock forwards (``families.greedy_forward``) recorded under 5.23;
+    equal to 5.23's stock cached generate for every causal family."""
+    return load_fixture(family, prefix_projection)["greedy_forward"]
+
+
 def check_batch(family: str, prefix_projection: bool):
     """``families.batch_for`` still builds the recorded inputs."""
     rec = _load(family, prefix_projection)["batch"]
@@ -131,3 +137,52 @@ def check_live_against_fixture(family: str, prefix_projection: bool, attn: str =
     d = _load(family, prefix_projection)
     bad = compare(got, (d["logits"], d["loss"], d["grads"]))
     return ("differ" if bad else "agree"), bad
+
+
+def _maxdiff(a, b) -> float:
+    m = max((a[0] - b[0]).abs().max().item(), (a[1] - b[1]).abs().item())
+    for n in a[2].keys() & b[2].keys():
+        m = max(m, (a[2][n] - b[2][n]).abs().max().item())
+    return m
+
+
+def report():
+    """One line per family x proj on the installed transformers: stock forward status, max abs
+    diff vs the fixture, and live stock generate (cached / use_cache=False) vs the recorded
+    greedy-by-forwards tokens (ok / WRONG / FAILS)."""
+    import transformers
+
+    print(f"transformers {transformers.__version__}  vs  {FIXTURE_DIR.name} ({manifest()['transformers']})")
+    for family in F.FAMILIES:
+        for proj in (True, False):
+            name = fixture_name(family, proj)
+            d = _load(family, proj)
+            try:
+                model = F.build(family, proj)
+                batch = F.batch_for(model)
+                got = F.run(model, batch)
+            except Exception as e:  # noqa: BLE001
+                print(f"{name:22s} stock FAILS: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+                continue
+            bad = compare(got, (d["logits"], d["loss"], d["grads"]))
+            line = f"{name:22s} stock runs, {'AGREE' if not bad else 'DIFFER'} (max |diff| {_maxdiff(got, (d['logits'], d['loss'], d['grads'])):.2g})"
+            if bad:
+                line += f" {bad[:3]}"
+            if F.task_of(family) == F.TaskType.CAUSAL_LM:
+                for key, uc in (("generate_cache", True), ("generate_nocache", False)):
+                    try:
+                        tok = F.generate(model, batch, uc)
+                    except Exception as e:  # noqa: BLE001
+                        line += f" | {key}: FAILS ({type(e).__name__})"
+                        continue
+                    line += f" | {key}: {'ok' if torch.equal(tok, d['greedy_forward']) else 'WRONG'}"
+            print(line, flush=True)
+
+
+if __name__ == "__main__":
+    import sys
+    import warnings
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    warnings.simplefilter("ignore")
+    report()

@@ -9,7 +9,9 @@ softprompt_kernels is imported: these are stock PEFT's numbers.
 Each ``.pt`` holds: ``batch`` (the inputs of ``families.batch_for``), ``logits``, ``loss``,
 ``grads`` ({trainable parameter name: grad}) of one forward + backward in eval mode, and for
 causal LMs ``generate_cache`` / ``generate_nocache`` (greedy, ``GEN_NEW`` new tokens, left
-padding; ``None`` where stock PEFT raises — the message is in the manifest).
+padding; ``None`` where stock PEFT raises — the message is in the manifest) and
+``greedy_forward`` (the same greedy decode by full forwards, ``families.greedy_forward``: an
+independent check of both generate paths).
 """
 from __future__ import annotations
 
@@ -56,6 +58,9 @@ def record_one(family: str, proj: bool):
                 entry[key] = "fails: " + _err(e)
         a, b = payload["generate_cache"], payload["generate_nocache"]
         entry["generate_agree"] = None if a is None or b is None else bool(torch.equal(a, b))
+        payload["greedy_forward"] = g = F.greedy_forward(model, batch)
+        entry["generate_cache_eq_greedy_forward"] = None if a is None else bool(torch.equal(a, g))
+        entry["generate_nocache_eq_greedy_forward"] = None if b is None else bool(torch.equal(b, g))
     return payload, entry
 
 

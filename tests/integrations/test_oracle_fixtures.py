@@ -33,6 +33,20 @@ def test_fixture_exists(family, proj):
     if F.task_of(family) == F.TaskType.CAUSAL_LM:
         assert d["generate_cache"] is not None  # cached generate ran under 5.23 for every causal LM
         assert d["generate_cache"].shape == (3, 7 + F.GEN_NEW)
+        # under 5.23 stock cached generate == greedy decoding by full forwards (and so does
+        # use_cache=False generate wherever it runs there; it raises for 11 families)
+        assert torch.equal(d["generate_cache"], d["greedy_forward"])
+        if d["generate_nocache"] is not None:
+            assert torch.equal(d["generate_nocache"], d["greedy_forward"])
+
+CAUSAL = [c for c in CASES if F.task_of(c.values[0]) == F.TaskType.CAUSAL_LM]
+
+
+@pytest.mark.parametrize("family,proj", CAUSAL)
+def test_live_greedy_forward_matches_fixture(family, proj):
+    """The generate oracle (greedy by stock forwards) is reproducible on this transformers."""
+    model = F.build(family, proj)
+    assert torch.equal(F.greedy_forward(model, F.batch_for(model)), oracle.fixture_greedy(family, proj))
 
 
 @pytest.mark.parametrize("family,proj", CASES)

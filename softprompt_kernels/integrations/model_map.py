@@ -11,6 +11,7 @@ the model itself (no per-family table), and what the fused op cannot express.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Dict, List, Optional
 
 from torch import nn
@@ -121,3 +122,29 @@ def _check_head_shapes(layers: Dict[nn.Module, int], peft_cfg, model_type: str) 
         if isinstance(groups, int) and isinstance(heads, int) and groups > 0 and heads // groups != hkv:
             raise ValueError(f"softprompt_kernels.apply: model type {model_type!r} is not supported: layer "
                              f"{m.layer_idx} has {heads // groups} key/value heads, the PEFT prefix has {hkv}")
+
+
+_MASK_CUMSUM = re.compile(r"cumsum\(\s*\w*attention_mask")
+
+
+def position_policy(base_model: nn.Module):
+    """How the model numbers its tokens when no ``position_ids`` are given, which decides the
+    positions PEFT's ``P``-token cache produces:
+
+    * ``("padding_idx", embeddings)``: RoBERTa-style ``create_position_ids_from_input_ids``
+      (count of real tokens from ``padding_idx``, plus the cache length);
+    * ``("mask_cumsum", None)``: OPT-style, running count of the attention mask (over PEFT's
+      ``[1]*P + mask``);
+    * ``("arange", None)``: ``cache length + arange(L)`` (every other family seen).
+    """
+    for m in base_model.modules():
+        if hasattr(m, "create_position_ids_from_input_ids") and isinstance(getattr(m, "padding_idx", None), int):
+            return "padding_idx", m
+    for cls in {type(m) for m in base_model.modules()}:
+        try:
+            src = inspect.getsource(inspect.unwrap(cls.forward))
+        except (OSError, TypeError):
+            continue
+        if _MASK_CUMSUM.search(src):
+            return "mask_cumsum", None
+    return "arange", None

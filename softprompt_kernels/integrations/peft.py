@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from . import _compat, model_map, peft_forward
-from .transformers import LAYER_ATTR, PrefixState, register
+from .transformers import LAYER_ATTR, PrefixState, register, relay_prefix_kwarg
 
 _ATTR = "_softprompt_runtime"
 _PATCHED = ("forward", "generate")
@@ -51,10 +51,9 @@ class _Runtime:
         self.cache_name = _compat.cache_kwarg(type(base).forward)
         self.window = model_map.sliding_window(base.config)
         self.drops_token_type_ids = self.task_type in ("CAUSAL_LM", "FEATURE_EXTRACTION")
-        # RoBERTa-style embeddings count positions from padding_idx over real tokens
-        self.padding_aware_positions = next(
-            (m for m in base.modules() if hasattr(m, "create_position_ids_from_input_ids")
-             and isinstance(getattr(m, "padding_idx", None), int)), None)
+        self.position_policy, self.position_module = model_map.position_policy(base)
+        self.probe: Optional[set] = None  # set only while apply checks that the prefix reaches every layer
+        self.hooks: list = []  # kwarg relays (transformers.relay_prefix_kwarg) that remove() takes off
 
     # ---------------------------------------------------------------- prefix
     def adapter_kv(self, adapter: str) -> Tensor:
@@ -90,7 +89,7 @@ class _Runtime:
         model = self.model
         if adapter_names is None:
             kv = self.adapter_kv(model.active_adapter).unsqueeze(2)
-            return PrefixState(kv, None, self.backend)
+            return PrefixState(kv, None, self.backend, self.probe)
         names = list(adapter_names)
         order: List[str] = []
         for n in names:
@@ -112,7 +111,7 @@ class _Runtime:
         kv = torch.stack(kvs, dim=2)
         device = kv.device
         index = torch.tensor([order.index(n) for n in names], dtype=torch.int64, device=device)
-        return PrefixState(kv, index, self.backend)
+        return PrefixState(kv, index, self.backend, self.probe)
 
 
 def _check_prefix_config(cfg, name: str) -> None:
@@ -174,7 +173,53 @@ def apply(model, *, backend: str = "auto"):
         setattr(module, LAYER_ATTR, idx)
     _install(model, rt, _forward_impl(rt, model))
     _compat.set_attn_implementation(base.config, name)
+    try:
+        missed = _probe(model, rt, layers)
+        if missed:  # layers that drop attention kwargs: relay the prefix to their attention module
+            parents = _parents(base)
+            for m in missed:
+                rt.hooks += relay_prefix_kwarg(parents[m], m)
+            missed = _probe(model, rt, layers)
+        if missed:
+            model_type = getattr(base.config, "model_type", type(base).__name__)
+            raise ValueError(f"softprompt_kernels.apply: model type {model_type!r} is not supported: the prefix "
+                             f"kwarg does not reach the attention modules of prefix layers "
+                             f"{sorted(layers[m] for m in missed)}")
+    except BaseException:
+        remove(model)
+        raise
     return model
+
+
+def _parents(root) -> dict:
+    return {child: parent for parent in root.modules() for child in parent.children()}
+
+
+def _probe(model, rt: _Runtime, layers) -> list:
+    """One tiny eval-mode forward (batch 1, 2 tokens, no grad, RNG state kept) that records which
+    prefix layers the prefix kwarg reaches (some families' layers drop attention kwargs, which
+    would silently lose the prefix).  Returns the attention modules it missed."""
+    base = model.get_base_model()
+    param = next(base.parameters(), None)
+    if param is None or param.device.type == "meta":
+        return []
+    device = param.device
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if rt.encoder_decoder:
+        inputs["decoder_input_ids"] = ids
+    modes = [(m, m.training) for m in model.modules()]
+    rt.probe = set()
+    try:
+        model.eval()
+        devices = [device] if device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            model(**inputs)
+        return [m for m in layers if id(m) not in rt.probe]
+    finally:
+        rt.probe = None
+        for m, mode in modes:
+            m.training = mode
 
 
 def remove(model):
@@ -184,6 +229,8 @@ def remove(model):
         return model
     for attr in _PATCHED:
         model.__dict__.pop(attr, None)
+    for handle in rt.hooks:
+        handle.remove()
     _compat.set_attn_implementation(model.get_base_model().config, rt.orig_attn)
     for module in model.get_base_model().modules():
         if LAYER_ATTR in module.__dict__:

@@ -55,18 +55,23 @@ def _past_length(kwargs, cache_name: Optional[str]) -> int:
     return int(cache.get_seq_length()) if cache is not None else 0
 
 
-def _position_ids(rt, input_ids, length: int, past: int, device, kwargs) -> Optional[Tensor]:
+def _position_ids(rt, input_ids, attention_mask, length: int, past: int, device, kwargs) -> Optional[Tensor]:
     """``position_ids`` the model would compute with a cache of ``P + past`` tokens (PEFT's
-    cache), or the user's shifted by ``P``; None where the model's own default already agrees."""
+    cache, ``model_map.position_policy``), or the user's shifted by ``P``; None where the
+    model's own default already agrees."""
     P = rt.num_virtual_tokens
     given = kwargs.get("position_ids", None)
     if given is not None:
         return given + P
-    if rt.padding_aware_positions is not None:  # RoBERTa-style: padding_idx + 1 + P + running count
+    if rt.position_policy == "padding_idx":  # RoBERTa-style: padding_idx + 1 + P + running count
         if input_ids is None:  # its inputs_embeds formula ignores the cache length, as with PEFT
             return None
-        emb = rt.padding_aware_positions
+        emb = rt.position_module
         return emb.create_position_ids_from_input_ids(input_ids, emb.padding_idx, P + past)
+    if rt.position_policy == "mask_cumsum" and attention_mask is not None:  # OPT-style, over [1]*P + mask
+        full = torch.cat((torch.ones(attention_mask.shape[0], P, dtype=attention_mask.dtype,
+                                     device=attention_mask.device), attention_mask), dim=1)
+        return ((full.cumsum(1) * full) - 1).long()[:, P + past:]
     return (torch.arange(length, device=device) + (P + past)).unsqueeze(0)
 
 
@@ -92,7 +97,7 @@ def decoder_forward(rt, model, input_ids=None, attention_mask=None, inputs_embed
     if rt.drops_token_type_ids:
         _drop_token_type_ids(kwargs)
     past = _past_length(kwargs, rt.cache_name)
-    kwargs["position_ids"] = _position_ids(rt, input_ids, L, past, device, kwargs)
+    kwargs["position_ids"] = _position_ids(rt, input_ids, attention_mask, L, past, device, kwargs)
     kwargs[PREFIX_KWARG] = rt.build_state(adapter_names)
     if labels is not None:
         kwargs["labels"] = labels
@@ -113,7 +118,7 @@ def encoder_head_forward(rt, model, input_ids=None, attention_mask=None, inputs_
     return_dict = _return_dict(model.config, return_dict)
     B, L, device = _batch_and_length(input_ids, inputs_embeds)
     _check_rows(adapter_names, B)
-    kwargs["position_ids"] = _position_ids(rt, input_ids, L, 0, device, kwargs)
+    kwargs["position_ids"] = _position_ids(rt, input_ids, attention_mask, L, 0, device, kwargs)
     kwargs[PREFIX_KWARG] = rt.build_state(adapter_names)
     backbone = base.get_submodule(model.transformer_backbone_name)
     outputs = backbone(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,

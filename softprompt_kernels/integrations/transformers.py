@@ -42,7 +42,7 @@ class PrefixState:
     ``module._softprompt_prefix_layer`` (modules without it get no prefix).
     """
 
-    def __init__(self, kv: Tensor, index: Optional[Tensor], backend: str):
+    def __init__(self, kv: Tensor, index: Optional[Tensor], backend: str, reached: Optional[set] = None):
         if kv.dim() != 6 or kv.shape[1] != 2:
             raise ValueError(f"kv must be [num_layers, 2, T, Hkv, P, D], got {tuple(kv.shape)}")
         if index is None and kv.shape[2] != 1:
@@ -50,6 +50,7 @@ class PrefixState:
         self.kv = kv
         self.index = index
         self.backend = backend
+        self.reached = reached  # apply's probe: ids of the modules the prefix reached (None otherwise)
 
     @property
     def num_virtual_tokens(self) -> int:
@@ -74,7 +75,7 @@ class PrefixState:
             raise ValueError(f"adapter_names has {self.index.shape[0]} entries but the batch has {batch_size} rows "
                              "(one adapter name per row)")
         idx = self.index.repeat_interleave(batch_size // self.index.shape[0])
-        return PrefixState(self.kv, idx, self.backend)
+        return PrefixState(self.kv, idx, self.backend, self.reached)
 
 
 class PrefixLayer(_compat.DynamicLayer):
@@ -132,6 +133,45 @@ def find_prefix_state(cache) -> Optional[PrefixState]:
     return None
 
 
+# ----------------------------------------------------------------------------- kwarg relay
+_PENDING = "_softprompt_pending_prefix"
+
+
+def relay_prefix_kwarg(layer: torch.nn.Module, attention: torch.nn.Module) -> list:
+    """For layers that take ``**kwargs`` but do not pass them on to their attention module
+    (StableLM's decoder layer, for one): hooks that hand the prefix kwarg the layer received
+    to ``attention``.  Set at the start of every layer call and cleared at its end, so a call
+    without the kwarg (the base model used directly) never sees a stale prefix; gradient
+    Gradient checkpointing re-runs such a layer's forward without its hooks (transformers >= 5.24
+    checkpoints ``forward``, not ``__call__``), i.e. without the prefix: refused with
+    NotImplementedError rather than giving other gradients.  Returns the hook handles."""
+
+    def capture(_layer, args, kwargs):
+        state = kwargs.get(PREFIX_KWARG)
+        if (state is not None and getattr(_layer, "gradient_checkpointing", False) and _layer.training
+                and torch.is_grad_enabled()):
+            raise NotImplementedError(
+                f"softprompt_kernels: {type(_layer).__name__} does not pass attention kwargs on to its attention "
+                "module, so gradient checkpointing would recompute it without the prefix; disable gradient "
+                "checkpointing for this model (or call softprompt_kernels.remove(model))")
+        attention.__dict__[_PENDING] = state
+
+    def release(_layer, args, kwargs, output):
+        attention.__dict__[_PENDING] = None
+
+    def inject(_attention, args, kwargs):
+        pending = attention.__dict__.get(_PENDING)
+        if pending is not None and kwargs.get(PREFIX_KWARG) is None:
+            kwargs = dict(kwargs)
+            kwargs[PREFIX_KWARG] = pending
+            return args, kwargs
+        return None
+
+    return [layer.register_forward_pre_hook(capture, with_kwargs=True),
+            layer.register_forward_hook(release, with_kwargs=True),
+            attention.register_forward_pre_hook(inject, with_kwargs=True)]
+
+
 # ----------------------------------------------------------------------------- dispatch
 def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0,
                  mask_function=None, attention_mask: Optional[Tensor] = None, use_vmap: bool = False,
@@ -140,7 +180,8 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset: int =
 
     Causality comes from the attention module; a factory other than the plain causal /
     bidirectional one (e.g. a sliding window) is accepted only where it equals plain
-    causal attention on this call's index grid, otherwise NotImplementedError.
+    causal attention on this call's index grid, otherwise a ``RefusedMask`` (the layers
+    that use it raise NotImplementedError).
     """
     if mask_function is not None and _compat.is_plain_mask_function(mask_function) is None:
         ok = False
@@ -150,13 +191,20 @@ def mask_forward(batch_size: int, q_length: int, kv_length: int, q_offset: int =
                                                      int(q_offset), int(kv_offset), device)
             except Exception:  # noqa: BLE001 - not index-broadcastable
                 ok = False
-        if not ok:
-            raise NotImplementedError(
+        if not ok:  # refused where a layer uses it (a model may build masks that no layer reads)
+            return RefusedMask(
                 "softprompt_kernels: this model builds an attention mask (sliding window / chunked / custom overlay) "
                 "that is not plain causal or bidirectional attention over the prefix and the sequence at this length; "
-                "call softprompt_kernels.remove(model) to use the stock PEFT path"
-            )
+                "call softprompt_kernels.remove(model) to use the stock PEFT path")
     return _compat.padding_mask(attention_mask, kv_length, int(kv_offset))
+
+
+class RefusedMask:
+    """What ``mask_forward`` returns for a mask the op cannot express; an attention call that
+    receives it raises ``NotImplementedError`` with ``reason``."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
 
 
 def _unsupported(kwargs) -> Optional[str]:
@@ -187,7 +235,11 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     pk = pv = idx = None
     backend = _backend
     S = key.shape[2]
+    if isinstance(attention_mask, RefusedMask):
+        raise NotImplementedError(f"{attention_mask.reason} ({type(module).__name__})")
     if state is not None:
+        if state.reached is not None:
+            state.reached.add(id(module))
         pk, pv, idx = state.for_module(module, query.shape[0])
         backend = state.backend
         if pk is not None:

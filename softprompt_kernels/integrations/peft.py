@@ -136,14 +136,14 @@ def _check_model(model, cfg, base) -> None:
     if task not in _TASKS:
         raise ValueError(f"softprompt_kernels.apply: PEFT task type {task!r} is not supported; supported: "
                          f"{', '.join(_TASKS)}")
-    encoder_decoder = cfg.num_transformer_submodules == 2
-    if encoder_decoder != bool(getattr(config, "is_encoder_decoder", False)):
+    is_encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if is_encoder_decoder and task != "SEQ_2_SEQ_LM":
+        raise ValueError(f"softprompt_kernels.apply: task type {task} on the encoder-decoder model {model_type!r} is "
+                         "not supported (the fused prefix path for encoder-decoder models is SEQ_2_SEQ_LM only)")
+    if (cfg.num_transformer_submodules == 2) != is_encoder_decoder:
         raise ValueError(f"softprompt_kernels.apply: PrefixTuningConfig.num_transformer_submodules="
                          f"{cfg.num_transformer_submodules} does not match the {model_type!r} model")
-    if encoder_decoder and task != "SEQ_2_SEQ_LM":
-        raise ValueError(f"softprompt_kernels.apply: task type {task} on the encoder-decoder model {model_type!r} is "
-                         "not supported (PEFT's prefix path for it is SEQ_2_SEQ_LM only)")
-    if not encoder_decoder and not _compat.accepts(type(base).forward, "position_ids"):
+    if not is_encoder_decoder and not _compat.accepts(type(base).forward, "position_ids"):
         raise ValueError(f"softprompt_kernels.apply: model type {model_type!r} is not supported: its forward takes no "
                          "position_ids, so the model's tokens cannot be given PEFT's positions P, P+1, ...")
 

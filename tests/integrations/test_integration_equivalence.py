@@ -1,31 +1,24 @@
-"""apply(PeftModel) == stock PEFT: logits, loss and every trainable gradient (fp32, torch backend),
-for every supported family; the prefix reaches each layer as a shared [Hkv, P, D] tensor and the
-K/V handed to the op never contain it."""
+"""apply(PeftModel): the prefix reaches each layer as a shared [Hkv, P, D] tensor and the K/V handed
+to the op never contain it; apply / remove bookkeeping; what is refused, with which message.  The
+numbers against stock PEFT for every family are in test_integration_matrix.py."""
 import pytest
 import torch
 import transformers
 from peft import LoraConfig, PrefixTuningConfig, TaskType, get_peft_model
 
-from hf_tiny import FAMILIES, P, apply, assert_same, batch_for, build, patched_vs_stock, remove, run
-
-from softprompt_kernels.integrations.peft import SUPPORTED_MODEL_TYPES
-
-
-@pytest.mark.parametrize("prefix_projection", [True, False], ids=["prefix-tuning", "p-tuning-v2"])
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_same_numbers_as_peft(family, prefix_projection):
-    model = build(family, prefix_projection=prefix_projection)
-    batch = batch_for(model)
-    stock, patched = patched_vs_stock(model, batch)
-    assert_same(stock, patched)
+import families as F
+from hf_tiny import FAMILIES, P, apply, assert_same, batch_for, build, remove, run
+from oracle import peft_oracle
 
 
-@pytest.mark.parametrize("family", ["gpt2", "llama", "bert-seq"])
+@pytest.mark.parametrize("family", ["gpt2", "llama", "opt"])
 def test_same_numbers_as_peft_eager(family):
-    """Stock PEFT with attn_implementation='eager' is matched too."""
-    model = build(family, attn="eager", prefix_projection=False)
-    stock, patched = patched_vs_stock(model, batch_for(model))
-    assert_same(stock, patched)
+    """Stock PEFT with attn_implementation='eager' is matched too (the sdpa matrix is in
+    test_integration_matrix.py)."""
+    model = F.build(family, prefix_projection=False, attn="eager")
+    want = peft_oracle(family, False, attn="eager")
+    apply(model, backend="torch")
+    assert_same(run(model, F.batch_for(model)), want)
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -35,6 +28,7 @@ def test_prefix_reaches_every_layer_without_concat(family, spy):
     cfg = model.active_peft_config
     hkv, d = cfg.num_attention_heads, cfg.token_dim // cfg.num_attention_heads
     apply(model, backend="torch")
+    spy.calls.clear()  # apply's probe forward
     model(**batch)
     with_prefix = [c for c in spy.calls if c["prefix_k"] is not None]
     assert len(with_prefix) == cfg.num_layers
@@ -82,7 +76,7 @@ def test_remove_restores_stock_behaviour():
     assert model.get_base_model().config._attn_implementation == "softprompt_torch"
     remove(model)
     assert model.get_base_model().config._attn_implementation == "sdpa"
-    assert "forward" not in model.__dict__ and "get_prompt" not in model.__dict__
+    assert "forward" not in model.__dict__ and "generate" not in model.__dict__
     cache = model.get_prompt(batch_size=2)
     assert type(cache) is transformers.DynamicCache  # PEFT's own concatenated cache again
     assert_same(stock, run(model, batch))
@@ -99,15 +93,63 @@ def test_apply_twice_is_idempotent():
     assert model.get_base_model().config._attn_implementation == "sdpa"
 
 
-def test_unsupported_model_type_names_it_and_lists_supported():
+def _peft(base, task, **kw):
+    return get_peft_model(base, PrefixTuningConfig(task_type=task, num_virtual_tokens=P, **kw))
+
+
+def test_t5_relative_position_bias_is_refused_by_name():
     cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4)
-    model = get_peft_model(transformers.T5ForConditionalGeneration(cfg),
-                           PrefixTuningConfig(task_type=TaskType.SEQ_2_SEQ_LM, num_virtual_tokens=P))
-    with pytest.raises(ValueError, match="'t5'") as err:
+    model = _peft(transformers.T5ForConditionalGeneration(cfg), TaskType.SEQ_2_SEQ_LM)
+    with pytest.raises(ValueError, match=r"model type 't5' is not supported: .*relative position bias"):
         apply(model)
-    for name in SUPPORTED_MODEL_TYPES:
-        assert name in str(err.value)
     assert model.get_base_model().config._attn_implementation != "softprompt_auto"  # left untouched
+    assert "forward" not in model.__dict__
+
+
+def test_alibi_is_refused_by_name():
+    cfg = transformers.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=4)
+    model = _peft(transformers.BloomForCausalLM(cfg), TaskType.CAUSAL_LM)
+    with pytest.raises(ValueError, match=r"model type 'bloom' is not supported"):
+        apply(model)
+
+
+def test_soft_capping_is_refused_by_name():
+    cfg = transformers.Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=4096,
+                                    attn_logit_softcapping=50.0)
+    model = _peft(transformers.Gemma2ForCausalLM(cfg), TaskType.CAUSAL_LM)
+    with pytest.raises(ValueError, match=r"model type 'gemma2' is not supported: it soft-caps attention logits"):
+        apply(model)
+
+
+def test_bart_seq_cls_is_refused_by_name():
+    base, _ = FAMILIES["bart"]("sdpa")
+    cfg = base.config
+    cfg.num_labels = 3
+    model = _peft(transformers.BartForSequenceClassification(cfg), TaskType.SEQ_CLS)
+    with pytest.raises(ValueError, match=r"SEQ_CLS on the encoder-decoder model 'bart' is not supported"):
+        apply(model)
+
+
+def test_window_smaller_than_the_prefix_is_refused_at_apply():
+    model = build("mistral", prefix_projection=False)
+    model.get_base_model().config.sliding_window = P
+    with pytest.raises(ValueError, match=r"sliding window \(5\) cannot even hold the 5 virtual tokens"):
+        apply(model)
+
+
+def test_untested_transformers_release_warns(monkeypatch):
+    monkeypatch.setattr(transformers, "__version__", "9.99.0")
+    model = build("gpt2", prefix_projection=False)
+    with pytest.warns(RuntimeWarning, match=r"transformers 9\.99\.0 \(tested: 5\.17 \.\. 5\.24\)"):
+        apply(model, backend="torch")
+    monkeypatch.undo()
+    import warnings
+
+    remove(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        apply(model, backend="torch")  # a tested release: no warning
 
 
 def test_rejects_non_prefix_models():
@@ -127,12 +169,14 @@ def test_bad_backend_is_rejected():
 
 
 def test_sliding_window_shorter_than_sequence_is_refused_not_wrong():
-    """Mistral with a window that would hide the prefix: NotImplementedError, never different numbers."""
+    """Mistral with a window that prefix + sequence outgrow: NotImplementedError, never different numbers."""
     model = build("mistral", prefix_projection=False)
-    model.get_base_model().config.sliding_window = 4
+    model.get_base_model().config.sliding_window = 8
     apply(model, backend="torch")
     with pytest.raises(NotImplementedError, match="sliding window"):
-        model(**batch_for(model))
+        model(**batch_for(model))  # 5 + 7 > 8
+    short = batch_for(model, L=3)
+    model(**short)  # 5 + 3 fits: runs
 
 
 def test_prefix_mlp_runs_once_per_forward_and_once_per_generate(monkeypatch):
@@ -143,6 +187,7 @@ def test_prefix_mlp_runs_once_per_forward_and_once_per_generate(monkeypatch):
     monkeypatch.setattr(torch_mlp, "mlp_forward", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
     model = build("llama", prefix_projection=True)
     apply(model, backend="torch")
+    calls.clear()  # apply's probe forward
     batch = batch_for(model, B=4)
     model(**batch)
     assert calls == [(P, model.active_peft_config.token_dim)]  # P rows, not B*P

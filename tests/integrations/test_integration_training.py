@@ -34,6 +34,7 @@ def test_gradient_checkpointing_same_grads(family, spy):
     stock = stock_or_none(model, batch)  # eval mode, no checkpointing
     apply(model, backend="torch")
     no_dropout(model).train()
+    spy.calls.clear()  # apply's probe forward
     plain = run(model, batch)
     n_plain = len([c for c in spy.calls if c["prefix_k"] is not None])
     model.gradient_checkpointing_enable()
@@ -52,6 +53,7 @@ def test_attention_dropout_goes_through_the_op(family, expected, spy):
     model = build(family, prefix_projection=False)
     batch = batch_for(model)
     apply(model, backend="torch")
+    spy.calls.clear()  # apply's probe forward (eval mode)
     # keep only the attention-probability dropout (the one the op must apply)
     for name, m in model.named_modules():
         if isinstance(m, torch.nn.Dropout) and not name.endswith((".attn_dropout", ".attention.self.dropout")):

@@ -19,3 +19,23 @@ def workdir():
 
     with tempfile.TemporaryDirectory(prefix="softprompt-it-") as d:
         yield __import__("pathlib").Path(d)
+
+
+def pytest_report_header(config):
+    import peft
+    import transformers
+
+    return f"transformers {transformers.__version__} ({transformers.__file__}), peft {peft.__version__}"
+
+
+def pytest_sessionstart(session):
+    """``./dev test`` runs this directory a second time on a side-installed transformers; make sure the
+    side install is really the one imported (a silent fallback would test the newest release twice)."""
+    import os
+
+    import transformers
+
+    want = os.environ.get("SOFTPROMPT_EXPECT_TRANSFORMERS")
+    if want and transformers.__version__ != want:
+        raise RuntimeError(f"expected transformers {want}, imported {transformers.__version__} "
+                           f"from {transformers.__file__}")

@@ -45,7 +45,6 @@ class _Runtime:
         self.attn_name = attn_name
         self.orig_attn = orig_attn
         self.num_layers = cfg.num_layers
-        self.num_virtual_tokens = cfg.num_virtual_tokens
         self.task_type = str(getattr(cfg.task_type, "value", cfg.task_type))
         self.encoder_decoder = cfg.num_transformer_submodules == 2
         self.cache_name = _compat.cache_kwarg(type(base).forward)
@@ -54,6 +53,11 @@ class _Runtime:
         self.position_policy, self.position_module = model_map.position_policy(base)
         self.probe: Optional[set] = None  # set only while apply checks that the prefix reaches every layer
         self.hooks: list = []  # kwarg relays (transformers.relay_prefix_kwarg) that remove() takes off
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        """P of the active adapter (PEFT sizes positions from it; ``set_adapter`` may change it)."""
+        return self.model.active_peft_config.num_virtual_tokens
 
     # ---------------------------------------------------------------- prefix
     def adapter_kv(self, adapter: str) -> Tensor:

@@ -117,8 +117,12 @@ _ENCODERS = {
 }
 
 
+_HEAD_SUFFIX = {TaskType.SEQ_CLS: "ForSequenceClassification", TaskType.TOKEN_CLS: "ForTokenClassification",
+                TaskType.QUESTION_ANS: "ForQuestionAnswering"}
+
+
 def _encoder(cfg_name, prefix, pad, task, over):
-    suffix = "ForSequenceClassification" if task == TaskType.SEQ_CLS else "ForTokenClassification"
+    suffix = _HEAD_SUFFIX[task]
 
     def make(attn):
         cfg = _cfg(cfg_name, attn_implementation=attn, pad_token_id=pad, **{**_ENC, **over})
@@ -142,6 +146,10 @@ def _families():
     for name, (cfg_name, prefix, pad, over) in _ENCODERS.items():
         fam[f"{name}-seq"] = _encoder(cfg_name, prefix, pad, TaskType.SEQ_CLS, over)
         fam[f"{name}-tok"] = _encoder(cfg_name, prefix, pad, TaskType.TOKEN_CLS, over)
+    fam["bert-qa"] = _encoder("Bert", "Bert", 0, TaskType.QUESTION_ANS, {"num_labels": 2})  # start/end
+    # a decoder-only backbone under a classification head (PEFT: the head's own forward)
+    fam["llama-seq"] = lambda attn: (transformers.LlamaForSequenceClassification(
+        _cfg("Llama", attn_implementation=attn, num_labels=3, **{**_COMMON, **_LLAMA})), TaskType.SEQ_CLS)
     fam["bart"] = _seq2seq("Bart", "BartForConditionalGeneration")
     fam["mbart"] = _seq2seq("MBart", "MBartForConditionalGeneration")
     for name in DROPPED:
@@ -153,6 +161,8 @@ FAMILIES = _families()
 
 
 def task_of(family: str) -> TaskType:
+    if family.endswith("-qa"):
+        return TaskType.QUESTION_ANS
     return {"-seq": TaskType.SEQ_CLS, "-tok": TaskType.TOKEN_CLS}.get(
         family[-4:], TaskType.SEQ_2_SEQ_LM if family in ("bart", "mbart") else TaskType.CAUSAL_LM)
 
@@ -242,6 +252,12 @@ def batch_for(model, B: int = 3, L: int = 7, seed: int = 1):
         labels = torch.randint(0, 3, (B,), generator=g)
     elif task == TaskType.TOKEN_CLS:
         labels = torch.randint(0, 3, (B, L), generator=g).masked_fill(mask == 0, -100)
+    elif task == TaskType.QUESTION_ANS:  # a span inside each row's real tokens
+        real = mask.sum(1)
+        start = (torch.rand(B, generator=g) * real).long()
+        batch["start_positions"] = start
+        batch["end_positions"] = torch.minimum(start + 1, real - 1)
+        return batch
     else:  # seq2seq: decoder inputs come from shifting the labels
         labels = torch.randint(3, VOCAB, (B, 5), generator=g)
     batch["labels"] = labels
@@ -257,7 +273,8 @@ def run(model, batch):
     missing = [n for n, v in grads.items() if v is None]
     assert grads and not missing, missing
     model.zero_grad(set_to_none=True)
-    return out.logits.detach().float(), out.loss.detach().float(), grads
+    logits = out.logits if "logits" in out else torch.stack([out.start_logits, out.end_logits], -1)  # QA
+    return logits.detach().float(), out.loss.detach().float(), grads
 
 
 GEN_NEW = 6

@@ -78,12 +78,14 @@ def _check_against_reference(c, backend, dtype):
 # misses the 2x rule by a factor of at most 1.7 (errors ~1e-6 to 4e-6 absolute in dq/dk/dv).
 # Its GEMMs sum over the G*L rows of a kv group in one product, a different order from the
 # reference's. A float64 backward passes all 300 seeds but costs ~80 ms per GPT-2 layer on 2 cores.
-# strict=True: the day these pass, the marker must go.
+# The misses are marginal and depend on the CPU's GEMM kernels: all four were recorded on an Intel
+# Xeon; on an AMD EPYC (2026-12-02) seed 235 passes. Not strict, so CI does not depend on which CPU
+# it gets; pytest -rX lists the ones that pass. The tolerance itself is unchanged.
 _TORCH_FP32_BACKWARD_KNOWN_MISSES = {141, 171, 235, 251}
 
 
 @pytest.mark.parametrize("seed", [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="known fp32 backward miss, see above"))
+    pytest.param(s, marks=pytest.mark.xfail(strict=False, reason="known fp32 backward miss on some CPUs, see above"))
     if s in _TORCH_FP32_BACKWARD_KNOWN_MISSES else s
     for s in range(300)
 ])

@@ -213,3 +213,13 @@ def test_forward_signature_is_kept_and_deepcopy_works():
         twin.prompt_encoder["default"].embedding.weight.add_(1.0)  # the copy uses its own prefix
         assert (twin(**batch).logits - a).abs().max() > 1e-3
         torch.testing.assert_close(model(**batch).logits, a, atol=0, rtol=0)
+
+
+def test_per_layer_head_dim_that_differs_from_the_prefix_is_refused():
+    """Gemma-style per-layer head sizes: refused at apply (the prefix has one D), never reshaped wrongly."""
+    model = build("llama", prefix_projection=False)
+    attn = model.get_base_model().model.layers[1].self_attn
+    attn.head_dim = 2 * attn.head_dim
+    with pytest.raises(ValueError, match=r"model type 'llama' is not supported: layer 1 has head_dim 16"):
+        apply(model)
+    assert "forward" not in model.__dict__

@@ -141,7 +141,7 @@ def relay_prefix_kwarg(layer: torch.nn.Module, attention: torch.nn.Module) -> li
     """For layers that take ``**kwargs`` but do not pass them on to their attention module
     (StableLM's decoder layer, for one): hooks that hand the prefix kwarg the layer received
     to ``attention``.  Set at the start of every layer call and cleared at its end, so a call
-    without the kwarg (the base model used directly) never sees a stale prefix; gradient
+    without the kwarg (the base model used directly) never sees a stale prefix.
     Gradient checkpointing re-runs such a layer's forward without its hooks (transformers >= 5.24
     checkpoints ``forward``, not ``__call__``), i.e. without the prefix: refused with
     NotImplementedError rather than giving other gradients.  Returns the hook handles."""

@@ -148,3 +148,9 @@ def position_policy(base_model: nn.Module):
         if _MASK_CUMSUM.search(src):
             return "mask_cumsum", None
     return "arange", None
+
+
+def attention_modules_unindexed(model: nn.Module) -> List[nn.Module]:
+    """Modules whose forward dispatches through ``ALL_ATTENTION_FUNCTIONS`` (``layer_idx`` or not:
+    vision encoders carry none), in ``named_modules`` order."""
+    return [m for m in model.modules() if _dispatches_through_interface(m)]

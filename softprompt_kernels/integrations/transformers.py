@@ -232,6 +232,8 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
         raise NotImplementedError(f"softprompt_kernels attention does not support {bad!r} "
                                   f"({type(module).__name__}); call softprompt_kernels.remove(model)")
     state: Optional[PrefixState] = kwargs.get(PREFIX_KWARG)
+    if state is None:  # modules whose callers cannot forward kwargs get it as an attribute (vision.py)
+        state = module.__dict__.get(_PENDING)
     pk = pv = idx = None
     backend = _backend
     S = key.shape[2]

@@ -150,6 +150,9 @@ def test_runner_main_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(cases, "mlp_cases", lambda full, device: [TINY_MLP])
     tiny = e2e.E2EConfig(n_layer=2, n_embd=32, n_head=4, vocab=64, P=3, mid=8, B=2, L=8, steps=1)
     monkeypatch.setattr(e2e, "QUICK", tiny)
+    from softprompt_kernels.bench import vpt
+
+    monkeypatch.setattr(vpt, "QUICK", TINY_VPT)
     rc = runner.main(["--no-selfcheck", "--out", str(tmp_path), "--repeat", "1", "--backend", "torch"])
     out = capsys.readouterr().out
     assert rc == 0
@@ -160,6 +163,7 @@ def test_runner_main_end_to_end(tmp_path, monkeypatch, capsys):
     step = next(r for r in data["rows"] if r["case"] == "no ckpt")
     assert step["ours_s"] > 0 and step["baseline_s"] > 0
     assert (tmp_path / "bench.png").exists()
+    assert "vpt-deep step" in suites and "VPT-deep targets" in out and (tmp_path / "vpt.png").exists()
 
 
 @pytest.mark.filterwarnings("ignore:.*flex_attention.*:UserWarning")
@@ -175,3 +179,40 @@ def test_flex_baseline_mask_is_prefix_attention(causal, padded, Hkv):
         micro._flex_callable(c, t, leaves, False, compiled=False, result=res)()
         ours = prefix_attention(*leaves, causal=causal, key_padding_mask=t["mask"], backend="torch")
     torch.testing.assert_close(res[0], ours, atol=1e-5, rtol=1e-5)
+
+
+def _tiny_vpt():
+    from softprompt_kernels.bench import vpt
+
+    return vpt.VPTConfig(layers=2, batch=2, prompts=(0, 3, 100), warmup=0, steps=1, hidden=32, heads=4, mlp=48,
+                         image=32, patch=8)
+
+
+TINY_VPT = _tiny_vpt()
+
+
+def test_vpt_rows_targets_and_plot(tmp_path):
+    """VPT bench on a tiny ViT: one row per N > 0, both formulations timed, targets stated for N = 100."""
+    from softprompt_kernels.bench import vpt
+
+    rows = vpt.run(TINY_VPT, backend="torch")
+    assert [r.extra["prompts"] for r in rows] == [3, 100]
+    assert all(r.ours_s > 0 and r.baseline_s > 0 and len(r.extra["token_times"]) == 1 for r in rows)
+    lines = vpt.target_lines(rows)
+    assert len(lines) == 2 and "target <= 0.75" in lines[0] and "target <= 0.8" in lines[1]
+    assert vpt.write_plot(str(tmp_path / "vpt.png"), rows) and (tmp_path / "vpt.png").stat().st_size > 1000
+
+
+def test_vpt_token_hooks_change_the_sequence_like_vpt():
+    """The baseline really runs the prompts as tokens: layer i sees 1 + N + patches tokens."""
+    from softprompt_kernels.bench import vpt
+
+    model = vpt.build_vit(TINY_VPT)
+    weight = torch.zeros(TINY_VPT.layers, 3, TINY_VPT.hidden)
+    vpt.token_prompts(model, weight)
+    seen = []
+    layers = model.vit.encoder.layer if hasattr(model.vit, "encoder") else model.vit.layers
+    for layer in layers:  # runs after the VPT hooks
+        layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
+    out = model(pixel_values=torch.randn(1, 3, 32, 32), output_hidden_states=False)
+    assert seen == [TINY_VPT.tokens + 3] * TINY_VPT.layers and out.logits.shape == (1, 100)

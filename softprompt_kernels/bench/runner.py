@@ -20,7 +20,7 @@ from . import e2e
 from .measure import environment
 from .results import Row, table_lines, write_json, write_plot
 
-SUITES = ("attention", "mlp", "e2e")
+SUITES = ("attention", "mlp", "e2e", "vpt")
 TARGET_SPEEDUP = 1.10
 TARGET_MEM = 0.85        # ours / PEFT peak without checkpointing
 TARGET_CKPT_MEM = 0.50   # ours with checkpointing / PEFT peak
@@ -167,6 +167,11 @@ def main(argv: Optional[list] = None) -> int:
             res = e2e.run(cfg, device, isolated=args.isolated or args.full,
                           profile_dir=args.out if args.profile else None, progress=bar.update)
             rows += e2e_rows(res, cfg)
+        if "vpt" in suites:
+            from . import vpt
+
+            bar.set_postfix_str("VPT-deep training step")
+            rows += vpt.run(vpt.FULL if args.full else vpt.QUICK, device=device, dtype=dtype, backend=backend)
     reason = micro.flex_unavailable_reason(device)
     print()
     print("\n".join(table_lines(rows)))
@@ -183,7 +188,17 @@ def main(argv: Optional[list] = None) -> int:
         scope = "" if args.full else " -- quick shape; the acceptance shape (B=8, L=256) runs with --full"
         print(f"\nEnd-to-end targets (issue 6) at {cfg.shape}{scope}:")
         print("\n".join(target_lines(rows)))
+    vpt_rows = [r for r in rows if r.suite == "vpt-deep step"]
+    if vpt_rows:
+        from . import vpt
+
+        print("\nVPT-deep targets (issue 13, N = 100 prompts):")
+        print("\n".join(vpt.target_lines(vpt_rows)))
     os.makedirs(args.out, exist_ok=True)
+    if vpt_rows and not args.no_plot:
+        from . import vpt
+
+        vpt.write_plot(os.path.join(args.out, "vpt.png"), vpt_rows)
     meta = {"full": args.full, "suites": suites, "repeat": repeat, "backend": backend,
             "dtype": str(dtype), "cpu_attention": args.cpu_attention,
             "e2e_config": None if cfg is None else {**asdict(cfg), "modes": list(cfg.modes)},

@@ -175,14 +175,15 @@ def build_cuda(timeout: float, no_cuda: bool) -> tuple[Optional[str], dict]:
 class Inputs:
     """bf16 tensors of one case (fresh random draws), shared by every implementation."""
 
-    def __init__(self, c: plan.GpuCase, seed: int = 0):
+    def __init__(self, c: plan.GpuCase, seed: int = 0, device: str = "cuda", dtype=None):
         import torch
 
-        g = torch.Generator(device="cuda").manual_seed(seed)
-        dt = torch.bfloat16
+        g = torch.Generator(device=device).manual_seed(seed)
+        dt = dtype or torch.bfloat16
+        self.device = device
 
         def rnd(*shape):
-            return torch.randn(*shape, generator=g, device="cuda", dtype=dt)
+            return torch.randn(*shape, generator=g, device=device, dtype=dt)
         self.q, self.k, self.v = rnd(c.B, c.H, c.L, c.D), rnd(c.B, c.H, c.L, c.D), rnd(c.B, c.H, c.L, c.D)
         self.pk, self.pv = rnd(c.H, c.P, c.D), rnd(c.H, c.P, c.D)
         self.dout = rnd(c.B, c.H, c.L, c.D)
@@ -192,8 +193,10 @@ def _leaf(t):
     return t.detach().clone().requires_grad_(True)
 
 
-def make_impl(name: str, c: plan.GpuCase, x: Inputs, cuda_problem: Optional[str]):
-    """(forward callable returning the output, leaves) of one implementation; raises when n/a."""
+def make_impl(name: str, c: plan.GpuCase, x: Inputs, cuda_problem: Optional[str], compile_flex: bool = True):
+    """(forward callable returning the output, leaves) of one implementation; raises when n/a.
+
+    The tests build the PEFT path, the cuDNN-style dense-mask SDPA call and (uncompiled) flex on CPU."""
     import torch
     import torch.nn.functional as F
 
@@ -210,7 +213,7 @@ def make_impl(name: str, c: plan.GpuCase, x: Inputs, cuda_problem: Optional[str]
         return fwd, leaves
     if name == "peft":
         leaves = [_leaf(t) for t in (x.q, x.k, x.v, x.pk, x.pv)]
-        mask = plan.peft_mask(c.B, c.L, c.P, c.causal, device="cuda")
+        mask = plan.peft_mask(c.B, c.L, c.P, c.causal, device=x.device)
 
         def fwd():
             q, k, v, pk, pv = leaves
@@ -230,7 +233,7 @@ def make_impl(name: str, c: plan.GpuCase, x: Inputs, cuda_problem: Optional[str]
         if not c.causal:
             mask = None
         elif name == "sdpa-cudnn":
-            mask = plan.dense_visibility(c.L, c.P, True).to("cuda")[None, None]
+            mask = plan.dense_visibility(c.L, c.P, True).to(x.device)[None, None]
         else:
             mask = plan.sdpa_causal_bias(c.L, c.P)
 
@@ -241,8 +244,8 @@ def make_impl(name: str, c: plan.GpuCase, x: Inputs, cuda_problem: Optional[str]
     if name == "flex":
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
-        block = create_block_mask(plan.flex_mask_mod(c.P, c.causal, c.L), None, None, c.L, c.P + c.L, device="cuda")
-        flex = _compiled_flex(flex_attention)
+        block = create_block_mask(plan.flex_mask_mod(c.P, c.causal, c.L), None, None, c.L, c.P + c.L, device=x.device)
+        flex = _compiled_flex(flex_attention) if compile_flex else flex_attention
 
         def fwd():
             return flex(*leaves, block_mask=block)

@@ -290,3 +290,34 @@ def test_triton_attention_on_gpu_matches_reference():
 def test_triton_gpu_script_compiles():
     compile(_TRITON_GPU_SCRIPT, "<triton-gpu>", "exec")
     assert math.isfinite(plan.flops(plan.grid(True)[0])["fwd"])
+
+
+def test_bench_loop_on_cpu_with_a_fake_timer(capsys):
+    """The measuring loop's bookkeeping (rows per pass, n/a reasons, cross-check notes, budget cut-off),
+    run on CPU with a timer that returns a constant: no time is measured here."""
+    cases = [plan.GpuCase(2, 2, 8, 3, 8, True), plan.GpuCase(2, 2, 8, 3, 8, False)]
+    calls = []
+
+    def fake_do_bench(fn, **kw):
+        fn()
+        calls.append(kw)
+        return 1.0
+
+    rows = gpu.run_bench(cases[:1], ["peft", "sdpa-flash", "ours-cuda"], quick=True,
+                         budget_s=60, cuda_problem="n/a: no nvcc here", device="cpu", do_bench=fake_do_bench,
+                         dtype=torch.float32)
+    assert len(rows) == 3 * 3 and {r.pass_ for r in rows} == set(plan.PASSES)
+    by = {(r.impl, r.pass_): r for r in rows}
+    assert by[("peft", "fwd+bwd")].ms == 1.0 and by[("peft", "fwd")].flops == plan.flops(cases[0])["fwd"]
+    flash = by[("sdpa-flash", "fwd")]
+    if flash.ms is not None:
+        assert "max|out - peft|" in flash.note
+        assert float(flash.note.split("max|out - peft| ")[1]) < 1e-5
+    assert all(by[("ours-cuda", p)].status == "n/a: no nvcc here" and by[("ours-cuda", p)].ms is None
+               for p in plan.PASSES)
+    assert calls and calls[0]["return_mode"] == "median"
+    # an exhausted budget: every row says so, nothing is timed
+    calls.clear()
+    rows = gpu.run_bench(cases, ["peft"], quick=True, budget_s=-1, cuda_problem=None, device="cpu",
+                         do_bench=fake_do_bench, dtype=torch.float32)
+    assert len(rows) == 6 and not calls and all(r.ms is None and "budget" in r.status for r in rows)

@@ -27,6 +27,7 @@ import platform
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -129,24 +130,39 @@ def test_commands(quick: bool, python: str = sys.executable) -> list[tuple[str, 
 
 
 def _run(name: str, cmd: list[str], timeout: float, quick: bool = False) -> dict:
+    """Run one step in its own process group (a timeout kills nvcc / ninja / pytest children too)."""
     print(f"\n--- {name}: {shlex.join(cmd)} (timeout {timeout:.0f} s)", flush=True)
     t0 = time.monotonic()
     env = _clean_env()
     if quick:
         env[QUICK_ENV] = "1"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=max(timeout, 1))
-        rc, text = r.returncode, r.stdout + r.stderr
-    except subprocess.TimeoutExpired as e:
+        text, _ = proc.communicate(timeout=max(timeout, 1))
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        text, _ = proc.communicate()
         rc = 124
-        text = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
-        text += f"\nTIMEOUT after {timeout:.0f} s"
+        text = (text or "") + f"\nTIMEOUT after {timeout:.0f} s"
     dt = time.monotonic() - t0
-    tail = text.strip().splitlines()[-40:]
+    tail = (text or "").strip().splitlines()[-40:]
     print("\n".join(tail))
     status = "passed" if rc == 0 else ("timed out" if rc == 124 else f"FAILED (rc {rc})")
     print(f"--- {name}: {status} in {dt:.0f} s", flush=True)
     return {"name": name, "cmd": cmd, "rc": rc, "seconds": dt, "status": status, "tail": tail[-15:]}
+
+
+def _error_line(tail: list[str]) -> str:
+    """The most telling line of a failed build's output."""
+    for line in reversed(tail):
+        if re.search(r"error|Error|mismatch", line):
+            return " ".join(line.split())[:200]
+    return tail[-1][:200] if tail else ""
 
 
 def build_cuda(timeout: float, no_cuda: bool) -> tuple[Optional[str], dict]:
@@ -163,7 +179,7 @@ def build_cuda(timeout: float, no_cuda: bool) -> tuple[Optional[str], dict]:
     rec = _run("build CUDA extension (JIT, ninja)",
                [sys.executable, "-c", "from softprompt_kernels.cuda import _build; _build.load(verbose=True)"], timeout)
     if rec["rc"] != 0:
-        return f"n/a: CUDA extension build {rec['status']}", rec
+        return f"n/a: CUDA extension build {rec['status']}: {_error_line(rec['tail'])}", rec
     try:
         _build.load()
     except Exception as e:  # noqa: BLE001
@@ -302,11 +318,12 @@ def measure_impl(name: str, c: plan.GpuCase, x: Inputs, ref_out, *, cuda_problem
         fwd, leaves = make_impl(name, c, x, cuda_problem)
         out = fwd()                          # first call: compiles / autotunes, outside the timing
         torch.autograd.grad(out, leaves, x.dout)
-        torch.cuda.synchronize()
+        if x.device == "cuda":
+            torch.cuda.synchronize()
         first = time.monotonic() - t0
         note = f"first fwd+bwd call {first:.1f} s"
         if ref_out is not None and name != "peft":
-            note += f"; max|out - peft| {float((out.float() - ref_out.float()).abs().max()):.1e}"
+            note += f"; max|out - peft| {float((out.detach().float() - ref_out.float()).abs().max()):.1e}"
         for r in rows.values():
             r.note, r.extra["first_call_s"] = note, first
         rows["fwd"].ms = do_bench(fwd, **bench_kw)
@@ -317,7 +334,8 @@ def measure_impl(name: str, c: plan.GpuCase, x: Inputs, ref_out, *, cuda_problem
     except _NA as e:
         return na(str(e).removeprefix("n/a: ")), None
     except torch.cuda.OutOfMemoryError as e:
-        torch.cuda.empty_cache()
+        if x.device == "cuda":
+            torch.cuda.empty_cache()
         return na(f"out of memory: {str(e)[:120]}"), None
     except Exception as e:  # noqa: BLE001 - a baseline that refuses the inputs is a row, not a crash
         msg = " ".join(str(e).split())[:200]
@@ -326,9 +344,14 @@ def measure_impl(name: str, c: plan.GpuCase, x: Inputs, ref_out, *, cuda_problem
 
 
 def run_bench(cases: list[plan.GpuCase], impls: list[str], *, quick: bool, budget_s: float,
-              cuda_problem: Optional[str]) -> list[GpuRow]:
+              cuda_problem: Optional[str], device: str = "cuda", do_bench: Optional[Callable] = None,
+              dtype=None) -> list[GpuRow]:
+    """Every (case, implementation, pass) row.  ``device`` / ``do_bench`` / ``dtype`` exist for the CPU test
+    of this loop (with a fake timer); the command itself always runs bf16 on CUDA with triton's do_bench."""
     import torch
-    from triton.testing import do_bench
+
+    if do_bench is None:
+        from triton.testing import do_bench
 
     kw = dict(plan.DO_BENCH_QUICK if quick else plan.DO_BENCH, return_mode="median")
     t_start = time.monotonic()
@@ -343,7 +366,7 @@ def run_bench(cases: list[plan.GpuCase], impls: list[str], *, quick: bool, budge
         mem = plan.memory_estimate_bytes(c)
         print(f"[{n}/{len(cases)}] {c.name}: {c.shape}, fwd {plan.flops(c)['fwd'] / 1e9:.1f} GFLOP, "
               f"memory estimate {mem / 2**30:.1f} GiB, {time.monotonic() - t_start:.0f} s into the stage", flush=True)
-        x = Inputs(c, seed=n)
+        x = Inputs(c, seed=n, device=device, dtype=dtype)
         ref = None
         for name in order:
             if name == "flex" and time.monotonic() > flex_deadline:
@@ -359,10 +382,14 @@ def run_bench(cases: list[plan.GpuCase], impls: list[str], *, quick: bool, budge
                 if out is not None:
                     ref = out
             rows += rs
-            for line in table_lines(rs)[2:]:
-                print("  " + line, flush=True)
+            if all(r.ms is None for r in rs) and len({r.status for r in rs}) == 1:
+                print(f"  {c.name:22} {name:15} {'all':8} {rs[0].status}", flush=True)
+            else:
+                for line in table_lines(rs)[2:]:
+                    print("  " + line, flush=True)
         del x, ref
-        torch.cuda.empty_cache()
+        if device == "cuda":
+            torch.cuda.empty_cache()
         print(f"  ({time.monotonic() - t_case:.1f} s)", flush=True)
     return rows
 
@@ -418,16 +445,21 @@ def main(argv: Optional[list] = None) -> int:
     # stage 1: build + tests
     t1 = time.monotonic()
     print(f"\n=== stage 1: build + GPU tests (budget {budgets['tests']} s) ===")
-    cuda_problem, rec = build_cuda(budgets["tests"] * 0.6, args.no_cuda or "ours-cuda" not in impls)
+    steps = [] if args.skip_tests else test_commands(args.quick)
+    reserve = plan.TEST_STEP_RESERVE_S * len(steps)      # what the build must leave to the test steps
+    cuda_problem, rec = build_cuda(max(budgets["tests"] - reserve, 30), args.no_cuda or "ours-cuda" not in impls)
     tests = [rec]
-    if not args.skip_tests:
-        for name, cmd in test_commands(args.quick):
-            left = budgets["tests"] - (time.monotonic() - t1)
-            if left < 5:
-                tests.append({"name": name, "cmd": cmd, "rc": None, "seconds": 0.0,
-                              "status": "not run: stage budget spent"})
-                continue
-            tests.append(_run(name, cmd, left, args.quick))
+    build_failed = rec.get("rc") not in (None, 0)
+    for k, (name, cmd) in enumerate(steps):
+        later = plan.TEST_STEP_RESERVE_S * (len(steps) - k - 1)
+        left = budgets["tests"] - (time.monotonic() - t1) - later
+        why = ("the stage budget was spent" if left < 5 else
+               "the CUDA extension did not build (see above)" if build_failed and "cuda" in name else None)
+        if why:
+            print(f"\n--- {name}: not run: {why}")
+            tests.append({"name": name, "cmd": cmd, "rc": None, "seconds": 0.0, "status": f"not run: {why}"})
+            continue
+        tests.append(_run(name, cmd, left, args.quick))
     failed = [t for t in tests if t.get("rc") not in (None, 0)]
     t_status = "passed" if not failed else "FAILED: " + ", ".join(t["name"] for t in failed)
     if any(t.get("rc") is None and t["name"] != "build CUDA extension" for t in tests):
@@ -439,9 +471,11 @@ def main(argv: Optional[list] = None) -> int:
 
     # stage 2: bench
     t2 = time.monotonic()
-    print(f"\n=== stage 2: bench, {len(cases)} cases (budget {budgets['bench']} s) ===")
-    rows = run_bench(cases, impls, quick=args.quick, budget_s=budgets["bench"], cuda_problem=cuda_problem)
-    stages.append({"name": "bench", "status": "done", "seconds": time.monotonic() - t2, "budget_s": budgets["bench"]})
+    # what stage 1 left over goes to the bench; the write stage and a margin stay reserved
+    bench_s = max(budgets["bench"], sum(budgets.values()) - budgets["write"] - (t2 - t_start))
+    print(f"\n=== stage 2: bench, {len(cases)} cases (budget {bench_s:.0f} s) ===")
+    rows = run_bench(cases, impls, quick=args.quick, budget_s=bench_s, cuda_problem=cuda_problem)
+    stages.append({"name": "bench", "status": "done", "seconds": time.monotonic() - t2, "budget_s": bench_s})
     print(f"=== stage 2: done in {time.monotonic() - t2:.0f} s (elapsed {time.monotonic() - t_start:.0f} s) ===")
 
     # stage 3: write

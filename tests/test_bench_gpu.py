@@ -321,3 +321,28 @@ def test_bench_loop_on_cpu_with_a_fake_timer(capsys):
     rows = gpu.run_bench(cases, ["peft"], quick=True, budget_s=-1, cuda_problem=None, device="cpu",
                          do_bench=fake_do_bench, dtype=torch.float32)
     assert len(rows) == 6 and not calls and all(r.ms is None and "budget" in r.status for r in rows)
+
+
+def test_step_runner_times_out_the_whole_process_group(tmp_path):
+    marker = tmp_path / "grandchild-survived"
+    grandchild = tmp_path / "grandchild.py"
+    grandchild.write_text(f"import time\ntime.sleep(4)\nopen({str(marker)!r}, 'w').close()\n")
+    code = f"import subprocess, sys, time; subprocess.Popen([sys.executable, {str(grandchild)!r}]); time.sleep(30)"
+    rec = gpu._run("sleeper", [sys.executable, "-c", code], timeout=1.5)
+    assert rec["rc"] == 124 and rec["status"] == "timed out" and rec["seconds"] < 10
+    import time
+
+    time.sleep(5)
+    assert not marker.exists()          # the grandchild (think: nvcc under ninja) was killed too
+    ok = gpu._run("true", [sys.executable, "-c", "print('hi')"], timeout=30)
+    assert ok["rc"] == 0 and ok["tail"] == ["hi"]
+    assert gpu._error_line(["a", "nvcc fatal   : Unsupported gpu architecture 'compute_100a'", "b"]).startswith(
+        "nvcc fatal")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_build_is_skipped_with_the_reason_on_cpu():
+    problem, rec = gpu.build_cuda(10, no_cuda=False)
+    assert problem.startswith("n/a: ") and "CPU-only build" in problem and rec["status"].startswith("skipped")
+    problem, rec = gpu.build_cuda(10, no_cuda=True)
+    assert problem == "n/a: --no-cuda"

@@ -160,9 +160,22 @@ def _run(name: str, cmd: list[str], timeout: float, quick: bool = False) -> dict
 def _error_line(tail: list[str]) -> str:
     """The most telling line of a failed build's output."""
     for line in reversed(tail):
-        if re.search(r"error|Error|mismatch", line):
+        if re.search(r"error|fatal|failed|mismatch", line, re.I):
             return " ".join(line.split())[:200]
     return tail[-1][:200] if tail else ""
+
+
+def _remove_stale_build_lock(name: str) -> None:
+    """A killed JIT build leaves torch's ``lock`` file behind; the next load would wait on it forever."""
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        lock = Path(_get_build_directory(name, False)) / "lock"
+        if lock.exists():
+            lock.unlink()
+            print(f"removed the killed build's lock file {lock}")
+    except Exception as e:  # noqa: BLE001 - best effort
+        print(f"note: could not check for a stale build lock: {e}")
 
 
 def build_cuda(timeout: float, no_cuda: bool) -> tuple[Optional[str], dict]:
@@ -178,6 +191,8 @@ def build_cuda(timeout: float, no_cuda: bool) -> tuple[Optional[str], dict]:
     # in a subprocess, so that a hung nvcc cannot outlive the budget; the load below hits the cache
     rec = _run("build CUDA extension (JIT, ninja)",
                [sys.executable, "-c", "from softprompt_kernels.cuda import _build; _build.load(verbose=True)"], timeout)
+    if rec["rc"] == 124:
+        _remove_stale_build_lock(_build.LIB_NAMESPACE)
     if rec["rc"] != 0:
         return f"n/a: CUDA extension build {rec['status']}: {_error_line(rec['tail'])}", rec
     try:
@@ -446,12 +461,19 @@ def main(argv: Optional[list] = None) -> int:
     t1 = time.monotonic()
     print(f"\n=== stage 1: build + GPU tests (budget {budgets['tests']} s) ===")
     steps = [] if args.skip_tests else test_commands(args.quick)
-    reserve = plan.TEST_STEP_RESERVE_S * len(steps)      # what the build must leave to the test steps
-    cuda_problem, rec = build_cuda(max(budgets["tests"] - reserve, 30), args.no_cuda or "ours-cuda" not in impls)
+    per_step = plan.TEST_STEP_RESERVE_QUICK_S if args.quick else plan.TEST_STEP_RESERVE_S
+    # the build must leave each test step its reserve; a build that runs out of time is not a test
+    # failure (the CUDA rows say why), a build that fails is
+    cuda_problem, rec = build_cuda(max(budgets["tests"] - per_step * len(steps), 30),
+                                   args.no_cuda or "ours-cuda" not in impls)
     tests = [rec]
     build_failed = rec.get("rc") not in (None, 0)
+    if rec.get("rc") == 124:
+        rec["rc_counts"] = False
+        print("warning: the CUDA extension build ran out of its time budget; ours-cuda rows will be n/a "
+              "(the next run reuses whatever ninja finished; or run with --no-cuda)")
     for k, (name, cmd) in enumerate(steps):
-        later = plan.TEST_STEP_RESERVE_S * (len(steps) - k - 1)
+        later = per_step * (len(steps) - k - 1)
         left = budgets["tests"] - (time.monotonic() - t1) - later
         why = ("the stage budget was spent" if left < 5 else
                "the CUDA extension did not build (see above)" if build_failed and "cuda" in name else None)
@@ -460,7 +482,7 @@ def main(argv: Optional[list] = None) -> int:
             tests.append({"name": name, "cmd": cmd, "rc": None, "seconds": 0.0, "status": f"not run: {why}"})
             continue
         tests.append(_run(name, cmd, left, args.quick))
-    failed = [t for t in tests if t.get("rc") not in (None, 0)]
+    failed = [t for t in tests if t.get("rc") not in (None, 0) and t.get("rc_counts", True)]
     t_status = "passed" if not failed else "FAILED: " + ", ".join(t["name"] for t in failed)
     if any(t.get("rc") is None and t["name"] != "build CUDA extension" for t in tests):
         t_status += " (some not run)"

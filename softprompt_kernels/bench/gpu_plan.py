@@ -59,8 +59,9 @@ TARGETS = (("sdpa-flash", 1.0, "fwd+bwd >= 1.0x SDPA-flash on the same total key
 # Stage budgets in seconds (the whole command: <= 8 minutes on one H100/H200).
 BUDGET_TOTAL_S = 480
 BUDGETS_S = {"tests": 170, "bench": 270, "write": 10}
-BUDGETS_QUICK_S = {"tests": 75, "bench": 45, "write": 10}
+BUDGETS_QUICK_S = {"tests": 100, "bench": 45, "write": 5}
 TEST_STEP_RESERVE_S = 40           # each pytest step after the CUDA build is guaranteed this much
+TEST_STEP_RESERVE_QUICK_S = 20
 FLEX_BUDGET_S = 110                # torch.compile of FlexAttention per shape (fwd + bwd) is the slow part
 FLEX_BUDGET_QUICK_S = 40
 DO_BENCH = {"warmup": 10, "rep": 40}          # milliseconds, triton.testing.do_bench

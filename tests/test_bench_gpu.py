@@ -346,3 +346,40 @@ def test_cuda_build_is_skipped_with_the_reason_on_cpu():
     assert problem.startswith("n/a: ") and "CPU-only build" in problem and rec["status"].startswith("skipped")
     problem, rec = gpu.build_cuda(10, no_cuda=True)
     assert problem == "n/a: --no-cuda"
+
+
+def test_main_flow_with_the_gpu_parts_faked(tmp_path, monkeypatch, capsys):
+    """main() past the device check (stages, budgets, JSON + markdown, exit code) with the device, the
+    build, the test steps and the timer replaced by fakes; the bench loop itself runs on CPU."""
+    real_run_bench = gpu.run_bench
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(gpu, "environment", lambda: {"device_name": "FAKE (test)", "torch": torch.__version__,
+                                                      "triton": None, "transformers": None, "peft": None,
+                                                      "python": "3", "driver": "0", "cuda": None})
+    monkeypatch.setattr(gpu, "build_cuda", lambda timeout, no_cuda: (
+        "n/a: fake build skipped", {"name": "build CUDA extension", "status": "skipped", "seconds": 0.0}))
+    monkeypatch.setattr(gpu, "test_commands", lambda quick, python=sys.executable: [
+        ("pytest -m gpu", [sys.executable, "-c", "print('1 passed')"]),
+        ("pytest tests/test_cuda_gpu.py", [sys.executable, "-c", "raise SystemExit(3)"])])
+    tiny = [plan.GpuCase(2, 2, 8, 3, 8, True)]
+    monkeypatch.setattr(plan, "grid", lambda quick=False: tiny)
+    monkeypatch.setattr(gpu, "run_bench", lambda cases, impls, **kw: real_run_bench(
+        cases, impls, **kw, device="cpu", dtype=torch.float32, do_bench=lambda fn, **k: (fn(), 2.0)[1]))
+    out = tmp_path / "res"
+    rc = gpu.main(["--quick", "--impl", "peft", "--impl", "ours-cuda", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert rc == 0, text          # the CUDA test step is not run: the (fake) build gave a reason
+    assert "--- pytest tests/test_cuda_gpu.py: not run: CUDA backend n/a: fake build skipped" in text
+    assert "=== stage 1: passed" in text and "=== stage 2: done" in text
+    data, rows = read_json(str(out / "gpu.json"))
+    assert {r.impl for r in rows} == {"peft", "ours-cuda"} and len(rows) == 6
+    assert [s["name"] for s in data["meta"]["stages"]] == ["tests", "bench", "write"]
+    assert any("not measured" in v for v in data["verdicts"])
+    md = (out / "gpu.md").read_text()
+    assert "FAKE (test)" in md and "fake build skipped" in md
+    # a failing GPU test step makes the exit code 1 (the bench still runs and writes)
+    monkeypatch.setattr(gpu, "test_commands", lambda quick, python=sys.executable: [
+        ("pytest -m gpu", [sys.executable, "-c", "raise SystemExit(1)"])])
+    assert gpu.main(["--quick", "--impl", "peft", "--out", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "=== stage 1: FAILED: pytest -m gpu" in text and (out / "gpu.json").exists()

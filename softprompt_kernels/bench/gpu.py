@@ -360,7 +360,7 @@ def measure_impl(name: str, c: plan.GpuCase, x: Inputs, ref_out, *, cuda_problem
 
 def run_bench(cases: list[plan.GpuCase], impls: list[str], *, quick: bool, budget_s: float,
               cuda_problem: Optional[str], device: str = "cuda", do_bench: Optional[Callable] = None,
-              dtype=None) -> list[GpuRow]:
+              dtype=None, rows: Optional[list] = None) -> list[GpuRow]:
     """Every (case, implementation, pass) row.  ``device`` / ``do_bench`` / ``dtype`` exist for the CPU test
     of this loop (with a fake timer); the command itself always runs bf16 on CUDA with triton's do_bench."""
     import torch
@@ -375,7 +375,7 @@ def run_bench(cases: list[plan.GpuCase], impls: list[str], *, quick: bool, budge
     flex_spent = 0.0
     # PEFT first: its output is the cross-check of every other implementation's forward
     order = (["peft"] if "peft" in impls else []) + [i for i in impls if i != "peft"]
-    rows: list[GpuRow] = []
+    rows = [] if rows is None else rows      # filled in place: a crash keeps what was measured
     for n, c in enumerate(cases, 1):
         t_case = time.monotonic()
         mem = plan.memory_estimate_bytes(c)
@@ -467,7 +467,6 @@ def main(argv: Optional[list] = None) -> int:
     cuda_problem, rec = build_cuda(max(budgets["tests"] - per_step * len(steps), 30),
                                    args.no_cuda or "ours-cuda" not in impls)
     tests = [rec]
-    build_failed = rec.get("rc") not in (None, 0)
     if rec.get("rc") == 124:
         rec["rc_counts"] = False
         print("warning: the CUDA extension build ran out of its time budget; ours-cuda rows will be n/a "
@@ -476,7 +475,7 @@ def main(argv: Optional[list] = None) -> int:
         later = per_step * (len(steps) - k - 1)
         left = budgets["tests"] - (time.monotonic() - t1) - later
         why = ("the stage budget was spent" if left < 5 else
-               "the CUDA extension did not build (see above)" if build_failed and "cuda" in name else None)
+               f"CUDA backend {cuda_problem}" if cuda_problem and "cuda" in name else None)
         if why:
             print(f"\n--- {name}: not run: {why}")
             tests.append({"name": name, "cmd": cmd, "rc": None, "seconds": 0.0, "status": f"not run: {why}"})
@@ -496,9 +495,17 @@ def main(argv: Optional[list] = None) -> int:
     # what stage 1 left over goes to the bench; the write stage and a margin stay reserved
     bench_s = max(budgets["bench"], sum(budgets.values()) - budgets["write"] - (t2 - t_start))
     print(f"\n=== stage 2: bench, {len(cases)} cases (budget {bench_s:.0f} s) ===")
-    rows = run_bench(cases, impls, quick=args.quick, budget_s=bench_s, cuda_problem=cuda_problem)
-    stages.append({"name": "bench", "status": "done", "seconds": time.monotonic() - t2, "budget_s": bench_s})
-    print(f"=== stage 2: done in {time.monotonic() - t2:.0f} s (elapsed {time.monotonic() - t_start:.0f} s) ===")
+    rows: list[GpuRow] = []
+    b_status = "done"
+    try:
+        run_bench(cases, impls, quick=args.quick, budget_s=bench_s, cuda_problem=cuda_problem, rows=rows)
+    except Exception as e:  # noqa: BLE001 - keep stage 1's record and the rows measured so far
+        import traceback
+
+        traceback.print_exc()
+        b_status, rc = f"CRASHED: {type(e).__name__}: {str(e)[:200]}", 1
+    stages.append({"name": "bench", "status": b_status, "seconds": time.monotonic() - t2, "budget_s": bench_s})
+    print(f"=== stage 2: {b_status} in {time.monotonic() - t2:.0f} s (elapsed {time.monotonic() - t_start:.0f} s) ===")
 
     # stage 3: write
     t3 = time.monotonic()

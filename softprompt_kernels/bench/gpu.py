@@ -45,7 +45,8 @@ QUICK_ENV = "SOFTPROMPT_GPU_QUICK"   # set for the stage-1 pytest runs of --quic
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="softprompt-kernels bench --gpu", description=__doc__.splitlines()[0])
     p.add_argument("--gpu", action="store_true", help=argparse.SUPPRESS)  # how bench dispatches here
-    p.add_argument("--quick", action="store_true", help="tiny grid (2 cases) and the bf16 tests only: ~1-2 minutes")
+    p.add_argument("--quick", action="store_true", help="tiny grid (2 cases) and the bf16 tests only: ~1-2 minutes "
+                   "(+ the one-time CUDA build on a fresh machine; <= 150 s budget)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit; runs nothing on a GPU")
     p.add_argument("--out", default="bench_results", help="directory for gpu.json / gpu.md (default %(default)s)")
     p.add_argument("--skip-tests", action="store_true", help="skip stage 1 (the CUDA extension is still built)")

@@ -9,7 +9,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="softprompt-kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("selfcheck", help="run the ops against the float64 reference on the present device")
-    sub.add_parser("bench", help="self-check, then the quick benchmark suite on the present device (--full: all shapes)")
+    sub.add_parser("bench", add_help=False, help="self-check, then the quick benchmark suite on the present device (--full: all shapes; "
+                   "--gpu: every GPU test + the GPU TFLOP/s grid, see ./dev gpu)")
     sub.add_parser("report", help="static report of the Triton kernels compiled for sm_80 / sm_90")
     args, rest = parser.parse_known_args(argv)
     if args.command == "selfcheck":

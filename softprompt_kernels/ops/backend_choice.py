@@ -14,20 +14,24 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_backend(backend: str, device: Optional[torch.device]) -> str:
+def resolve_backend(backend: str, device: Optional[torch.device], dtype: Optional[torch.dtype] = None) -> str:
     """Map ``backend`` (``auto|triton|cuda|torch``) to a concrete backend for tensors on ``device``.
 
     ``auto``: Triton for CUDA tensors (the CUDA backend is opt-in until it has been
     verified on a GPU); on CPU the plain-PyTorch path, or Triton when the Triton
     interpreter is enabled.  An explicit ``triton`` on CPU tensors without the
-    interpreter, or ``cuda`` on CPU tensors, fails with a clear error.
+    interpreter, or ``cuda`` on CPU tensors, fails with a clear error.  float64 (a
+    reference / debugging precision only the PyTorch path computes) makes ``auto`` pick
+    ``torch`` on CPU.
     """
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if backend == "auto":
         if on_cuda:
             return "triton"
+        if dtype == torch.float64:
+            return "torch"
         return "triton" if triton_interpreter_enabled() else "torch"
     if backend == "triton" and not on_cuda and not triton_interpreter_enabled():
         raise ValueError(

@@ -22,16 +22,16 @@ def resolve_backend(backend: str, device: Optional[torch.device], dtype: Optiona
     interpreter is enabled.  An explicit ``triton`` on CPU tensors without the
     interpreter, or ``cuda`` on CPU tensors, fails with a clear error.  float64 (a
     reference / debugging precision only the PyTorch path computes) makes ``auto`` pick
-    ``torch`` on CPU.
+    ``torch`` on any device.
     """
     if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if backend == "auto":
-        if on_cuda:
-            return "triton"
         if dtype == torch.float64:
             return "torch"
+        if on_cuda:
+            return "triton"
         return "triton" if triton_interpreter_enabled() else "torch"
     if backend == "triton" and not on_cuda and not triton_interpreter_enabled():
         raise ValueError(

@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .ops.backend_choice import BACKENDS
 from .ops.prefix_mlp import ACTIVATIONS, prefix_mlp
 
 _ACT_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "identity": nn.Identity}
@@ -26,8 +27,17 @@ _ACT_MODULES = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU, "identity": n
 class PrefixEncoder(nn.Module):
     """Prefix-tuning reparameterization with PEFT's parameters.
 
-    Eval mode caches the output (with autograd off or no parameter requiring grad) until a
-    parameter changes (in-place update -> ``_version``, replacement / move -> ``data_ptr``).
+    Eval mode with a projection caches the output (with autograd off or no parameter
+    requiring grad) until a parameter changes.  A change is detected exactly: the key
+    (``data_ptr``, ``_version``, dtype, device, shape, strides, inference mode) catches
+    replacement, moves and autograd-visible in-place updates, and a snapshot of the
+    parameters taken when the cache was filled (compared with ``torch.equal``, one read
+    of the parameters: far cheaper than the MLP) catches writes through ``.data``
+    (``p.data.mul_``, ``.data.copy_``, ``.data[i] = ...``), which do not bump
+    ``_version``.  Each call returns a fresh copy of the cached output (a caller's
+    in-place edit cannot corrupt later calls); a cache filled under
+    ``torch.inference_mode`` is only reused inside it.  The snapshot costs one copy of
+    the parameters while the cache is held; ``train()`` or ``clear_cache()`` drops it.
     ``merge()`` freezes the output into a non-persistent buffer (PEFT's inference mode);
     ``unmerge()`` drops it.
 
@@ -61,6 +71,11 @@ class PrefixEncoder(nn.Module):
                              f"({num_kv_heads})")
         if activation not in ACTIVATIONS:
             raise ValueError(f"PrefixEncoder: activation must be one of {ACTIVATIONS}, got {activation!r}")
+        if not isinstance(backend, str) or backend not in BACKENDS:
+            raise ValueError(f"PrefixEncoder: backend must be one of {BACKENDS}, got {backend!r}")
+        if prefix_projection and dtype == torch.float64 and backend not in ("auto", "torch"):
+            raise ValueError(f"PrefixEncoder: a float64 projection runs only on backend='torch' (or 'auto'), "
+                             f"got backend={backend!r}")
         if init_weights not in (None, "zero"):
             raise ValueError(f"PrefixEncoder: init_weights must be None or 'zero', got {init_weights!r}")
         factory = dict(device=device, dtype=dtype)
@@ -94,6 +109,7 @@ class PrefixEncoder(nn.Module):
         self.register_buffer("merged_prefix", None, persistent=False)
         self._cache: Optional[Tensor] = None
         self._cache_key = None
+        self._cache_snapshot: Optional[list] = None
 
     @classmethod
     def from_peft_config(cls, config, **kwargs) -> "PrefixEncoder":
@@ -121,23 +137,41 @@ class PrefixEncoder(nn.Module):
                           backend=self.backend)
 
     def _params_key(self):
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device) for p in self.parameters())
+        return (torch.is_inference_mode_enabled(), self.backend,
+                tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape), p.stride())
+                      for p in self.parameters()))
+
+    def _cache_valid(self, key) -> bool:
+        if self._cache is None or self._cache_key != key:
+            return False
+        # Writes through .data do not bump _version: compare the values themselves.
+        return all(torch.equal(p.detach(), s) for p, s in zip(self.parameters(), self._cache_snapshot))
+
+    def clear_cache(self) -> None:
+        """Drop the eval-mode cache (and its parameter snapshot)."""
+        self._cache = self._cache_key = self._cache_snapshot = None
+
+    def train(self, mode: bool = True):
+        if mode:
+            self.clear_cache()
+        return super().train(mode)
 
     def forward(self) -> Tensor:
         """``[num_layers, 2, num_kv_heads, P, head_dim]`` prefix keys (``[:, 0]``) and values (``[:, 1]``)."""
         if self.merged_prefix is not None:
             return self.merged_prefix
-        cacheable = not self.training and (
+        cacheable = self.prefix_projection and not self.training and (
             not torch.is_grad_enabled() or not any(p.requires_grad for p in self.parameters()))
-        if not cacheable:
-            self._cache = self._cache_key = None
+        if not cacheable:  # (without a projection the output is a free view: nothing to cache)
+            self.clear_cache()
             return self._compute()
         key = self._params_key()
-        if self._cache is None or self._cache_key != key:
+        if not self._cache_valid(key):
             with torch.no_grad():
                 self._cache = self._compute()
+                self._cache_snapshot = [p.detach().clone() for p in self.parameters()]
             self._cache_key = key
-        return self._cache
+        return self._cache.clone()
 
     # ------------------------------------------------------------------ inference mode
     @torch.no_grad()
@@ -145,7 +179,7 @@ class PrefixEncoder(nn.Module):
         """Freeze the current output into the ``merged_prefix`` buffer (contiguous); returns it."""
         self.merged_prefix = None
         self.merged_prefix = self._compute().detach().contiguous().clone()
-        self._cache = self._cache_key = None
+        self.clear_cache()
         return self.merged_prefix
 
     def unmerge(self) -> None:

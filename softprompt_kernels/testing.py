@@ -5,6 +5,21 @@ the error that plain PyTorch math in the same low precision makes against that
 reference, plus an epsilon of twice the rounding error of the reference itself in the
 low-precision dtype, computed as FlashAttention's tests do (so a comparison never
 demands more than the dtype can represent).
+
+Absolute floor where the reference is exactly zero.  The relative part of the rule
+gives no room at an element whose float64 reference is exactly 0 (e.g. a gradient
+that cancels exactly, or a tensor that is zero everywhere): the rounding noise of any
+low-precision sum that lands there would fail, and when the plain baseline happens to
+be exact the bound is 0.  At such elements the bound is therefore at least
+
+    floor = ZERO_FLOOR_ULPS * finfo(low-precision dtype).eps * scale
+
+with ``ZERO_FLOOR_ULPS = 8`` and ``scale`` the magnitude of the inputs the element is
+computed from (callers pass it, e.g. ``max|v|`` for an attention output or
+``max|dout| * max|k|`` for a gradient); by default ``scale`` is ``max|ref|`` over the
+tensor, or 1 when the reference is zero everywhere (unit-scale test inputs).  For
+float32 and unit inputs the floor is ~9.5e-7: a 6e-7 error at an exact zero passes,
+a 1e-3 one fails.  Elements with a nonzero reference keep the plain rule, unchanged.
 """
 from __future__ import annotations
 
@@ -14,12 +29,20 @@ import torch
 from torch import Tensor
 
 
+ZERO_FLOOR_ULPS = 8.0
+
+
 @dataclass
 class Comparison:
+    """``err`` / ``bound``: error and bound at the element with the largest error-to-bound
+    ratio (so ``err / bound`` is the worst ratio and ``ok`` means every element passes);
+    ``baseline`` = max |plain - f64|, ``floor`` = the absolute floor used where f64 == 0."""
     name: str
-    err: float        # max |ours - f64|
+    err: float        # |ours - f64| at the worst element
     baseline: float   # max |plain low-precision math - f64|
-    bound: float      # 2 * baseline + eps
+    bound: float      # 2 * baseline + eps there (at least ``floor`` where f64 == 0)
+    floor: float = 0.0
+    max_err: float = 0.0  # max |ours - f64| over all elements
 
     @property
     def ok(self) -> bool:
@@ -27,11 +50,16 @@ class Comparison:
 
     def __str__(self) -> str:
         flag = "ok" if self.ok else "FAIL"
-        return f"{self.name}: err {self.err:.3e} <= bound {self.bound:.3e} (baseline {self.baseline:.3e}) {flag}"
+        return (f"{self.name}: err {self.err:.3e} <= bound {self.bound:.3e} (baseline {self.baseline:.3e}, "
+                f"zero-reference floor {self.floor:.3e}, max err {self.max_err:.3e}) {flag}")
 
 
-def compare(name: str, ours: Tensor, plain: Tensor, ref64: Tensor) -> Comparison:
-    """Apply the tolerance rule; infinities must match exactly, NaN always fails."""
+def compare(name: str, ours: Tensor, plain: Tensor, ref64: Tensor, *, scale: float | None = None) -> Comparison:
+    """Apply the tolerance rule; infinities must match exactly, NaN always fails.
+
+    ``scale``: magnitude of the inputs behind ``ref64`` for the zero-reference floor
+    (module docstring); default ``max|ref64|``, or 1 when it is zero everywhere.
+    """
     ours, plain, ref64 = ours.detach(), plain.detach(), ref64.detach()
     if ours.shape != ref64.shape:
         raise AssertionError(f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}")
@@ -44,17 +72,26 @@ def compare(name: str, ours: Tensor, plain: Tensor, ref64: Tensor) -> Comparison
     o, p, r = o[~inf], p[~inf], r[~inf]
     if r.numel() == 0:
         return Comparison(name, 0.0, 0.0, 0.0)
-    err = (o - r).abs().max().item()
+    e = (o - r).abs()
     baseline = (p - r).abs().nan_to_num(0.0).max().item()
     # FlashAttention's epsilon: twice the rounding error the low-precision dtype makes
     # on the reference itself (at magnitudes of at least 0.3).
     lowp = ours.dtype if ours.dtype != torch.float64 else torch.float32
     r_lp = r.to(lowp)
     eps = 2.0 * ((r_lp + 0.3 - 0.3).double() - r).abs().max().item()
-    return Comparison(name, err, baseline, 2.0 * baseline + eps)
+    bound = 2.0 * baseline + eps
+    if scale is None:
+        top = r.abs().max().item()
+        scale = top if top > 0 else 1.0
+    floor = ZERO_FLOOR_ULPS * torch.finfo(lowp).eps * float(scale)
+    per_elem = torch.full_like(r, bound).masked_fill_(r == 0, max(bound, floor))  # float64
+    ratio = torch.where(per_elem > 0, e / per_elem.clamp_min(torch.finfo(torch.float64).tiny),
+                        torch.where(e > 0, torch.full_like(e, float("inf")), torch.zeros_like(e)))
+    worst = int(ratio.argmax())
+    return Comparison(name, e[worst].item(), baseline, per_elem[worst].item(), floor, e.max().item())
 
 
-def assert_close(name: str, ours: Tensor, plain: Tensor, ref64: Tensor) -> Comparison:
-    c = compare(name, ours, plain, ref64)
+def assert_close(name: str, ours: Tensor, plain: Tensor, ref64: Tensor, *, scale: float | None = None) -> Comparison:
+    c = compare(name, ours, plain, ref64, scale=scale)
     assert c.ok, str(c)
     return c

@@ -225,3 +225,176 @@ def test_bad_input_errors_name_the_argument(bad, exc, msg):
     kwargs.setdefault("backend", "torch")
     with pytest.raises(exc, match=msg):
         prefix_attention(args["q"], args["k"], args["v"], **kwargs)
+
+
+# ---------------------------------------------------------------- issue 10 regressions
+def _ref_out_grads(q, k, v, pk=None, pv=None, idx=None, mask=None, causal=False, scale=None, dout=None):
+    """float64 reference out and grads w.r.t. the given leaves (prefix normalised to [T, ...])."""
+    leaves = [t for t in (q, k, v, pk, pv) if t is not None]
+    ls = [t.detach().double().requires_grad_() for t in leaves]
+    ppk = ppv = None
+    if pk is not None:
+        ppk, ppv = ls[3], ls[4]
+        if ppk.dim() == 3:
+            ppk, ppv, idx = ppk[None], ppv[None], torch.zeros(q.shape[0], dtype=torch.long)
+        elif idx is None:
+            idx = torch.arange(q.shape[0])
+    o, _ = prefix_attention_reference(ls[0], ls[1], ls[2], ppk, ppv, idx, mask, causal=causal, scale=scale)
+    if dout is None:
+        return o, []
+    return o, list(torch.autograd.grad(o, ls, dout.double(), allow_unused=True))
+
+
+def test_issue10_item1_strided_int64_prefix_index_triton():
+    """table[:, 0] of an int64 [B, 2] tensor: the Triton kernel must see [0, 2, 1], not [0, 2, 2]."""
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, S, P, D, T = 3, 2, 1, 4, 5, 3, 16, 3
+    q, k, v = _rand(B, Hq, L, D), _rand(B, Hkv, S, D), _rand(B, Hkv, S, D)
+    pk, pv = _rand(T, Hkv, P, D), _rand(T, Hkv, P, D)
+    table = torch.tensor([[0, 2], [2, 0], [1, 1]], dtype=torch.int64)
+    idx = table[:, 0]
+    assert not idx.is_contiguous()
+    dout = torch.randn(B, Hq, L, D)
+    for index in (idx, idx.to(torch.int32)):
+        out = prefix_attention(q, k, v, pk, pv, prefix_index=index, backend="triton")
+        grads = torch.autograd.grad(out, (q, pk, pv), dout)
+        ref, rgrads = _ref_out_grads(q, k, v, pk, pv, idx.contiguous(), dout=dout)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+        for g, r in zip(grads, (rgrads[0], rgrads[3], rgrads[4])):
+            torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("where", ["q", "k", "v_inf", "scale"])
+def test_issue10_item2_nan_in_visible_score_is_nan_torch(where):
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, S, P, D = 2, 2, 1, 4, 6, 2, 16
+    q, k, v = _rand(B, Hq, L, D, grad=False), _rand(B, Hkv, S, D, grad=False), _rand(B, Hkv, S, D, grad=False)
+    pk, pv = _rand(Hkv, P, D, grad=False), _rand(Hkv, P, D, grad=False)
+    scale = None
+    if where == "q":
+        q[0, 1, 2, 3] = float("nan")
+    elif where == "k":
+        k[1, 0, 4, 0] = float("inf")  # visible to every row of batch row 1 (not causal)
+    elif where == "v_inf":
+        v[0, 0, 1, 5] = float("nan")
+    else:
+        scale = float("nan")
+    out = prefix_attention(q, k, v, pk, pv, softmax_scale=scale, backend="torch")
+    ref, _ = _ref_out_grads(q, k, v, pk, pv, scale=scale)
+    assert torch.isnan(ref).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)), (torch.isnan(out).sum(), torch.isnan(ref).sum())
+    fin = ~torch.isnan(ref)
+    torch.testing.assert_close(out.double()[fin], ref[fin], atol=1e-5, rtol=1e-5)
+
+
+def test_issue10_item2_dead_row_stays_zero_with_nan_scale():
+    """P = 0 and a fully masked row: zeros and zero gradients, even with softmax_scale=nan."""
+    q, k, v = _rand(2, 2, 3, 16), _rand(2, 1, 5, 16), _rand(2, 1, 5, 16)
+    pk, pv = _rand(1, 0, 16), _rand(1, 0, 16)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1] = False
+    out = prefix_attention(q, k, v, pk, pv, key_padding_mask=mask, softmax_scale=float("nan"), backend="torch")
+    assert torch.isnan(out[0]).all() and (out[1] == 0).all()
+    gq, gk, gv = torch.autograd.grad(out[1].sum(), (q, k, v))
+    assert (gq[1] == 0).all() and (gk[1] == 0).all() and (gv[1] == 0).all()
+
+
+def test_issue10_item3_prefix_index_range_eager_message():
+    q, k, v = _rand(2, 2, 3, 16), _rand(2, 1, 5, 16), _rand(2, 1, 5, 16)
+    pk, pv = _rand(3, 1, 2, 16), _rand(3, 1, 2, 16)
+    with pytest.raises(ValueError, match=r"prefix_index .*\[0, T=3\).*-1"):
+        prefix_attention(q, k, v, pk, pv, prefix_index=torch.tensor([0, -1]), backend="torch")
+    with pytest.raises(ValueError, match=r"prefix_index .*\[0, T=3\).*7"):
+        prefix_attention(q, k, v, pk, pv, prefix_index=torch.tensor([7, 1]), backend="torch")
+
+
+def test_issue10_item3_prefix_index_range_checked_under_compile():
+    """-1 must not wrap to the last task under torch.compile (the eager check is skipped there)."""
+    q, k, v = _rand(2, 2, 3, 16, grad=False), _rand(2, 1, 5, 16, grad=False), _rand(2, 1, 5, 16, grad=False)
+    pk, pv = _rand(3, 1, 2, 16, grad=False), _rand(3, 1, 2, 16, grad=False)
+
+    def f(q, k, v, pk, pv, idx):
+        return prefix_attention(q, k, v, pk, pv, prefix_index=idx, backend="torch")
+
+    g = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(g(q, k, v, pk, pv, torch.tensor([2, 0])), f(q, k, v, pk, pv, torch.tensor([2, 0])))
+    with pytest.raises(RuntimeError, match=r"prefix_index"):
+        g(q, k, v, pk, pv, torch.tensor([0, -1]))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_issue10_item5_nan_in_masked_keys_values_contributes_nothing(causal):
+    torch.manual_seed(0)
+    B, Hq, Hkv, L, S, P, D = 2, 4, 2, 4, 7, 3, 16
+    q, k, v = _rand(B, Hq, L, D), _rand(B, Hkv, S, D, grad=False), _rand(B, Hkv, S, D, grad=False)
+    pk, pv = _rand(Hkv, P, D), _rand(Hkv, P, D)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    mask[0, 1] = mask[1, 5:] = False
+    k_clean, v_clean = k.clone(), v.clone()
+    k_clean[~mask[:, None, :, None].expand_as(k)] = 0.0
+    v_clean[~mask[:, None, :, None].expand_as(v)] = 0.0
+    k[~mask[:, None, :, None].expand_as(k)] = float("nan")
+    v[0, :, 1] = float("inf")
+    v[1, :, 5:] = float("nan")
+    k.requires_grad_(), v.requires_grad_(), k_clean.requires_grad_(), v_clean.requires_grad_()
+    dout = torch.randn(B, Hq, L, D)
+    out = prefix_attention(q, k, v, pk, pv, causal=causal, key_padding_mask=mask, backend="torch")
+    grads = torch.autograd.grad(out, (q, k, v, pk, pv), dout)
+    assert torch.isfinite(out).all()
+    for g in grads:
+        assert torch.isfinite(g).all()
+    clean = prefix_attention(q, k_clean, v_clean, pk, pv, causal=causal, key_padding_mask=mask, backend="torch")
+    cgrads = torch.autograd.grad(clean, (q, k_clean, v_clean, pk, pv), dout)
+    torch.testing.assert_close(out, clean)
+    for a, b in zip(grads, cgrads):
+        torch.testing.assert_close(a, b)
+    assert (grads[1][~mask[:, None, :, None].expand_as(k)] == 0).all()
+
+
+def test_issue10_item6_empty_batch_with_multitask_prefix():
+    q, k, v = _rand(0, 2, 3, 16), _rand(0, 1, 5, 16), _rand(0, 1, 5, 16)
+    pk, pv = _rand(3, 1, 2, 16), _rand(3, 1, 2, 16)
+    out = prefix_attention(q, k, v, pk, pv, prefix_index=torch.zeros(0, dtype=torch.long), backend="torch")
+    assert out.shape == (0, 2, 3, 16)
+    gq, gpk, gpv = torch.autograd.grad(out.sum(), (q, pk, pv))
+    assert gq.shape == q.shape and (gpk == 0).all() and (gpv == 0).all() and gpk.shape == pk.shape
+
+
+def test_issue10_item6_meta_tensors_with_prefix_index():
+    m = dict(device="meta")
+    q, k, v = torch.empty(2, 2, 3, 16, **m), torch.empty(2, 1, 5, 16, **m), torch.empty(2, 1, 5, 16, **m)
+    pk, pv = torch.empty(3, 1, 2, 16, **m), torch.empty(3, 1, 2, 16, **m)
+    out, lse = prefix_attention(q, k, v, pk, pv, prefix_index=torch.zeros(2, dtype=torch.long, **m),
+                                return_lse=True, backend="torch")
+    assert out.device.type == "meta" and out.shape == q.shape and lse.shape == (2, 2, 3)
+
+
+def test_issue10_item6_zero_length_prefix_without_gradient():
+    q, k, v = _rand(2, 2, 3, 16), _rand(2, 1, 5, 16), _rand(2, 1, 5, 16)
+    pk, pv = _rand(1, 0, 16), _rand(1, 0, 16)
+    out = prefix_attention(q, k, v, pk, pv, backend="torch")
+    gpk, gpv = torch.autograd.grad(out.sum(), (pk, pv))
+    assert gpk.shape == pk.shape and gpv.shape == pv.shape
+    torch.testing.assert_close(out, prefix_attention(q, k, v, backend="torch"))
+
+
+BAD_ISSUE10 = [
+    (dict(q=torch.randn(2, 4, 5, 0), k=torch.randn(2, 2, 7, 0), v=torch.randn(2, 2, 7, 0)), ValueError,
+     r"head dim D=0"),
+    (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float"),
+    (dict(dropout_p=float("nan")), ValueError, "dropout_p must be in"),
+    (dict(softmax_scale=torch.tensor(0.25, requires_grad=True)), ValueError, "softmax_scale .*requires grad"),
+    (dict(softmax_scale="0.25"), TypeError, "softmax_scale must be"),
+    (dict(backend="Torch"), ValueError, r"backend must be one of \('auto', 'triton', 'cuda', 'torch'\)"),
+]
+
+
+@pytest.mark.parametrize("bad,exc,msg", BAD_ISSUE10)
+def test_issue10_item6_bad_input_errors_name_the_argument(bad, exc, msg):
+    test_bad_input_errors_name_the_argument(bad, exc, msg)
+
+
+def test_issue10_softmax_scale_tensor_without_grad_is_accepted():
+    q, k, v = _rand(2, 2, 3, 16), _rand(2, 1, 5, 16), _rand(2, 1, 5, 16)
+    a = prefix_attention(q, k, v, softmax_scale=torch.tensor(0.3), backend="torch")
+    torch.testing.assert_close(a, prefix_attention(q, k, v, softmax_scale=0.3, backend="torch"))

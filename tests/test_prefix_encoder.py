@@ -73,7 +73,8 @@ def test_eval_cache_until_parameters_change(monkeypatch):
     enc.eval()
     with torch.no_grad():
         a = enc()
-        assert enc() is a and len(calls) == 3
+        a2 = enc()  # cached (no recomputation), but a fresh copy each call
+        assert a2 is not a and torch.equal(a2, a) and len(calls) == 3
         enc.transform[2].bias.add_(1.0)  # in-place update -> _version changes
         b = enc()
     assert len(calls) == 4 and b is not a
@@ -82,7 +83,7 @@ def test_eval_cache_until_parameters_change(monkeypatch):
     assert len(calls) == 5 and b2.requires_grad
     enc.requires_grad_(False)
     c = enc()
-    assert enc() is c and len(calls) == 6
+    assert torch.equal(enc(), c) and len(calls) == 6
     enc.load_state_dict({k: v + 1 for k, v in enc.state_dict().items()})
     assert enc() is not c and len(calls) == 7
 
@@ -152,3 +153,68 @@ def test_cost_does_not_grow_with_batch(backend):
     assert peft_f1 == pytest.approx(analytic, rel=0.01)  # same GEMMs at batch 1 (x's grad not needed there)
     assert peft_f8 >= 7.5 * peft_f1 and peft_m8 >= 7.5 * peft_m1
     assert costs["ours", 8][1] * 7 < peft_m8
+
+
+# ---------------------------------------------------------------- issue 10 item 4 / 6
+def _eval_encoder(seed=0, **kw):
+    torch.manual_seed(seed)
+    enc = PrefixEncoder(P, H * D, L, H, prefix_projection=True, encoder_hidden_size=H1, **kw).eval()
+    enc.requires_grad_(False)
+    return enc
+
+
+@pytest.mark.parametrize("write", ["mul_", "copy_", "setitem", "embedding_setitem"])
+def test_issue10_item4_cache_not_stale_after_data_writes(write):
+    enc = _eval_encoder()
+    a = enc().clone()
+    w = enc.transform[0].weight
+    if write == "mul_":
+        w.data.mul_(2.0)
+    elif write == "copy_":
+        w.data.copy_(torch.randn_like(w))
+    elif write == "setitem":
+        w.data[1] = 3.0
+    else:
+        enc.embedding.weight.data[0] = 5.0
+    b = enc()
+    enc._cache = None  # a fresh computation
+    torch.testing.assert_close(b, enc())
+    assert not torch.allclose(a, b)
+
+
+def test_issue10_item4_cache_returns_a_fresh_tensor():
+    enc = _eval_encoder()
+    a = enc()
+    expected = a.clone()
+    a.mul_(0.0)  # the caller edits its result in place
+    torch.testing.assert_close(enc(), expected)
+
+
+def test_issue10_item4_inference_mode_cache_not_returned_outside():
+    enc = _eval_encoder()
+    with torch.inference_mode():
+        a = enc()
+    assert a.is_inference()
+    b = enc()
+    assert not b.is_inference()
+    x = torch.randn(L, 2, H, P, D, requires_grad=True)
+    (x * b).sum().backward()  # autograd may save b
+    torch.testing.assert_close(x.grad, b)
+
+
+def test_issue10_item6_float64_projection_supported_on_torch_and_refused_at_build_on_triton():
+    enc = PrefixEncoder(P, H * D, L, H, prefix_projection=True, encoder_hidden_size=H1, dtype=torch.float64)
+    out = enc()
+    assert out.dtype == torch.float64
+    e = enc.embedding.weight
+    f, t = enc.transform[0], enc.transform[2]
+    ref = (torch.tanh(e @ f.weight.T + f.bias) @ t.weight.T + t.bias).view(P, L, 2, H, D).permute(1, 2, 3, 0, 4)
+    torch.testing.assert_close(out, ref)
+    with pytest.raises(ValueError, match="float64.*backend='torch'"):
+        PrefixEncoder(P, H * D, L, H, prefix_projection=True, encoder_hidden_size=H1, dtype=torch.float64,
+                      backend="triton")
+
+
+def test_issue10_item6_bad_backend_caught_at_build():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'triton', 'cuda', 'torch'\)"):
+        PrefixEncoder(P, H * D, L, H, prefix_projection=True, encoder_hidden_size=H1, backend="fast")

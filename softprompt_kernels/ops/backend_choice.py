@@ -14,18 +14,22 @@ def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
-def resolve_backend(backend: str, device: Optional[torch.device]) -> str:
+def resolve_backend(backend: str, device: Optional[torch.device], dtype: Optional[torch.dtype] = None) -> str:
     """Map ``backend`` (``auto|triton|cuda|torch``) to a concrete backend for tensors on ``device``.
 
     ``auto``: Triton for CUDA tensors (the CUDA backend is opt-in until it has been
     verified on a GPU); on CPU the plain-PyTorch path, or Triton when the Triton
     interpreter is enabled.  An explicit ``triton`` on CPU tensors without the
-    interpreter, or ``cuda`` on CPU tensors, fails with a clear error.
+    interpreter, or ``cuda`` on CPU tensors, fails with a clear error.  float64 (a
+    reference / debugging precision only the PyTorch path computes) makes ``auto`` pick
+    ``torch`` on any device.
     """
-    if backend not in BACKENDS:
+    if not isinstance(backend, str) or backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     on_cuda = device is not None and torch.device(device).type == "cuda"
     if backend == "auto":
+        if dtype == torch.float64:
+            return "torch"
         if on_cuda:
             return "triton"
         return "triton" if triton_interpreter_enabled() else "torch"

@@ -42,6 +42,8 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, d
     _check_tensor("k", k, 4, "[B, Hkv, S, D]")
     _check_tensor("v", v, 4, "[B, Hkv, S, D]")
     B, Hq, L, D = q.shape
+    if D == 0:
+        raise ValueError(f"head dim D=0: q must be [B, Hq, L, D] with D >= 1, got shape {tuple(q.shape)}")
     allowed = _FLOAT_DTYPES + ((torch.float64,) if backend == "torch" else ())
     if q.dtype not in allowed:
         raise TypeError(f"q must be one of {[str(d) for d in allowed]} for backend {backend!r}, got {q.dtype}")
@@ -64,6 +66,8 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, d
             raise ValueError(f"head dim D={D} is not supported by backend {backend!r} (1 <= D <= 256); use backend='torch'")
         if backend == "triton" and B * Hq > 65535:
             raise ValueError(f"B * Hq = {B * Hq} exceeds the Triton launch grid limit 65535; split the batch")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float in [0, 1), got {type(dropout_p).__name__} {dropout_p!r}")
     if not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if key_padding_mask is not None:
@@ -117,10 +121,18 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, d
         if prefix_index.device != q.device:
             raise ValueError(f"prefix_index must be on q's device {q.device}, got {prefix_index.device}")
         T = prefix_k.shape[0]
-        if not torch.compiler.is_compiling() and B > 0:
-            lo, hi = int(prefix_index.min()), int(prefix_index.max())
-            if lo < 0 or hi >= T:
-                raise ValueError(f"prefix_index values must be in [0, T={T}), got values in [{lo}, {hi}]")
+        if T == 0 and B > 0:
+            raise ValueError(f"prefix_k has T=0 tasks but prefix_index has B={B} rows: no task to index")
+        if not torch.compiler.is_compiling() and B > 0 and prefix_index.device.type != "meta":
+            # Eager: an exact check with the offending value (one host sync on CUDA, cheap: [B]).
+            bad = (prefix_index < 0) | (prefix_index >= T)
+            if bool(bad.any()):
+                b = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"prefix_index values must be in [0, T={T}) (T = prefix_k.shape[0]); "
+                    f"got prefix_index[{b}] = {int(prefix_index[b])} "
+                    f"(values in [{int(prefix_index.min())}, {int(prefix_index.max())}])"
+                )
 
 
 def _normalise_prefix(q, prefix_k, prefix_v, prefix_index):
@@ -132,7 +144,18 @@ def _normalise_prefix(q, prefix_k, prefix_v, prefix_index):
         return prefix_k.unsqueeze(0), prefix_v.unsqueeze(0), torch.zeros(B, dtype=torch.int64, device=q.device)
     if prefix_index is None:  # per row
         return prefix_k, prefix_v, torch.arange(B, dtype=torch.int64, device=q.device)
-    return prefix_k, prefix_v, prefix_index.to(torch.int64)
+    # The backends read prefix_index as a dense int64 [B] vector: a strided view
+    # (``table[:, 0]``) or int32 index is made contiguous int64 here ([B] elements, cheap).
+    idx = prefix_index.to(torch.int64).contiguous()
+    if torch.compiler.is_compiling() and B > 0:
+        # The eager range check reads values on the host; under torch.compile check on
+        # device instead (raises at run time, asynchronously on CUDA) and clamp, so that
+        # no backend ever reads outside the prefix tensor even before the assert fires.
+        T = prefix_k.shape[0]
+        torch._assert_async(((idx >= 0) & (idx < T)).all(),
+                            "prefix_index values must be in [0, T) with T = prefix_k.shape[0]")
+        idx = idx.clamp(0, T - 1)
+    return prefix_k, prefix_v, idx
 
 
 # ------------------------------------------------------------------ custom ops
@@ -143,6 +166,9 @@ def _prefix_attention_fwd(
     key_padding_mask: Optional[Tensor], seed: Optional[Tensor],
     causal: bool, scale: float, dropout_p: float, deterministic: bool, backend: str,
 ) -> tuple[Tensor, Tensor]:
+    B, Hq, L, D = q.shape
+    if B * Hq * L == 0:  # empty batch / no queries: nothing for a backend to do
+        return q.new_zeros(B, Hq, L, D), q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
     mod = attention_backend_module(backend)
     return mod.attention_forward(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
@@ -163,6 +189,11 @@ def _prefix_attention_bwd(
     key_padding_mask: Optional[Tensor], seed: Optional[Tensor], out: Tensor, lse: Tensor,
     causal: bool, scale: float, dropout_p: float, deterministic: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if q.numel() == 0:  # empty batch / no queries: every gradient is zero
+        dpk = dpv = q.new_empty(0)
+        if prefix_k is not None:
+            dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dpk, dpv
     mod = attention_backend_module(backend)
     dq, dk, dv, dpk, dpv = mod.attention_backward(
         dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
@@ -261,17 +292,42 @@ def prefix_attention(
         comes back in the prefix's own shape, summed over the rows (and query heads of
         each kv group) that used it.
     """
-    backend = resolve_backend(backend, q.device if isinstance(q, Tensor) else None)
+    is_t = isinstance(q, Tensor)
+    backend = resolve_backend(backend, q.device if is_t else None, q.dtype if is_t else None)
     _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend)
+    scale = _check_scale(softmax_scale, q.shape[-1])
     pk, pv, idx = _normalise_prefix(q, prefix_k, prefix_v, prefix_index)
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
     out, lse = _prefix_attention_fwd(
         q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale, float(dropout_p), bool(deterministic), backend
     )
+    if prefix_k is not None and pk is None and (prefix_k.requires_grad or prefix_v.requires_grad):
+        # P = 0: no backend sees the (empty) prefix, but autograd.grad(out, prefix_k) must
+        # still work: attach it with an exact zero (the sum of zero elements).
+        out = out + (prefix_k.sum() + prefix_v.sum()).to(out.dtype)
     return (out, lse) if return_lse else out
+
+
+def _check_scale(softmax_scale, D: int) -> float:
+    """softmax_scale -> float. A tensor is accepted only without grad: the op has no
+    gradient for the scale, and silently detaching one would train the wrong thing."""
+    if softmax_scale is None:
+        return D ** -0.5
+    if isinstance(softmax_scale, Tensor):
+        if softmax_scale.numel() != 1:
+            raise ValueError(f"softmax_scale must be a float or a one-element tensor, got shape "
+                             f"{tuple(softmax_scale.shape)}")
+        if softmax_scale.requires_grad:
+            raise ValueError("softmax_scale is a tensor that requires grad: prefix_attention has no gradient for "
+                             "the scale; pass a float (or softmax_scale.detach() if no gradient is wanted), "
+                             "or scale q yourself")
+        return float(softmax_scale)
+    if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+        raise TypeError(f"softmax_scale must be a float (or None for D ** -0.5), got "
+                        f"{type(softmax_scale).__name__} {softmax_scale!r}")
+    return float(softmax_scale)
 
 
 def dropout_keep_mask(seed: int, B: int, Hq: int, L: int, P: int, S: int, dropout_p: float, *,

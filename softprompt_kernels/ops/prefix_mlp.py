@@ -164,14 +164,20 @@ def prefix_mlp(
     ``(act(x @ w1.T + b1) @ w2.T + b2).view(P, L, 2, Hkv, D).permute(1, 2, 3, 0, 4)``;
     ``out[l, 0]`` / ``out[l, 1]`` are layer l's prefix keys / values ``[Hkv, P, D]``.
     activation: "tanh" (PEFT / the paper), "relu", "gelu" (exact erf), "identity".
-    backend: "auto" | "triton" | "cuda" | "torch".  Differentiable in x, w1, b1, w2, b2.
+    backend: "auto" | "triton" | "cuda" | "torch" (checked first); float64 runs on "torch" only
+    ("auto" picks it for float64).  Differentiable in x, w1, b1, w2, b2.
     """
-    if not isinstance(x, Tensor):
+    is_t = isinstance(x, Tensor)
+    backend = resolve_backend(backend, x.device if is_t else None, x.dtype if is_t else None)
+    if not is_t:
         raise TypeError(f"prefix_mlp: x must be a Tensor [P, E], got {type(x).__name__}")
     if x.dim() != 2 or x.shape[0] < 1 or x.shape[1] < 1:
         raise ValueError(f"prefix_mlp: x must have shape [P, E] with P, E >= 1, got {list(x.shape)}")
-    if x.dtype not in _DTYPES:
-        raise TypeError(f"prefix_mlp: x must be float16, bfloat16 or float32, got {x.dtype}")
+    if x.dtype == torch.float64 and backend != "torch":
+        raise TypeError(f"prefix_mlp: x is float64, which only backend='torch' computes (got backend={backend!r})")
+    if x.dtype not in _DTYPES + (torch.float64,):
+        raise TypeError(f"prefix_mlp: x must be float16, bfloat16 or float32 (float64 with backend='torch'), "
+                        f"got {x.dtype}")
     for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"prefix_mlp: {name} must be a positive int, got {v!r}")
@@ -192,6 +198,5 @@ def prefix_mlp(
     _check_param("w2", w2, (N, H1), x, "[num_layers*2*num_kv_heads*head_dim, H1]")
     if b2 is not None:
         _check_param("b2", b2, (N,), x, "[num_layers*2*num_kv_heads*head_dim]")
-    backend = resolve_backend(backend, x.device)
     out, _ = _prefix_mlp_fwd(x, w1, b1, w2, b2, num_layers, num_kv_heads, head_dim, activation, backend)
     return out

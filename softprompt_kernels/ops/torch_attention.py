@@ -8,6 +8,7 @@ to bound the ``[rows, Hq, L, P + S]`` temporaries.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -43,9 +44,19 @@ def _chunks(B: int, per_row: int):
         yield start, min(B, start + rows)
 
 
-def _joint_kv(k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, rows: slice, dtype):
-    """K and V of rows ``rows`` with the prefix in front: ``[r, Hkv, P + S, D]``."""
+def _joint_kv(k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, rows: slice, dtype, key_padding_mask=None):
+    """K and V of rows ``rows`` with the prefix in front: ``[r, Hkv, P + S, D]``.
+
+    Padded-out keys and values are replaced by zeros (out of place): their
+    probabilities are exactly 0, but ``0 * nan`` would still poison ``P @ V`` and
+    ``dS @ K`` (buffers from ``torch.empty`` hold anything). Masked keys and values
+    contribute nothing at all, forward or backward (DESIGN §2).
+    """
     kr, vr = k[rows].to(dtype), v[rows].to(dtype)
+    if key_padding_mask is not None:
+        real = key_padding_mask[rows][:, None, :, None]
+        zero = torch.zeros((), dtype=dtype, device=kr.device)
+        kr, vr = torch.where(real, kr, zero), torch.where(real, vr, zero)
     if prefix_k is None:
         return kr, vr
     idx = prefix_index[rows]
@@ -84,13 +95,26 @@ def _group_q(x: Tensor, rows: slice, Hkv: int, dtype) -> Tensor:
     return xr.reshape(r, Hkv, (Hq // Hkv) * L, D)
 
 
-def _softmax(s: Tensor) -> Tensor:
-    """Row softmax of masked scores; rows that see nothing give zeros, not NaN.
+def _softmax(s: Tensor, visible: Optional[Tensor], G: int, L: int) -> Tensor:
+    """Row softmax of masked scores ``[r, Hkv, G*L, C]``; rows that see no column give zeros.
 
+    Only rows with no *visible* column (from the mask, never from the score values) are
+    zeroed: a NaN/inf in a visible score propagates to its row as NaN, as in the
+    reference and SDPA (DESIGN §2), instead of being turned into a silent zero row.
     A direct softmax (max, exp, normalise) rounds less than ``exp(s - lse)``, whose
     relative error grows with ``|lse|``.
     """
-    return torch.softmax(s, dim=-1).nan_to_num_(nan=0.0)
+    p = torch.softmax(s, dim=-1)
+    return p if visible is None else _softmax_dead_rows_to_zero(p, visible, G, L)
+
+
+def _softmax_dead_rows_to_zero(x: Tensor, visible: Tensor, G: int, L: int) -> Tensor:
+    """Zero (in place) the rows of ``x [r, Hkv, G*L, C]`` that have no visible column."""
+    dead = ~visible.any(dim=-1)  # [r|1, 1, L]
+    if bool(dead.any()):
+        r, h, _, c = x.shape
+        x.view(r, h, G, L, c).masked_fill_(dead[:, :, None, :, None], 0.0)
+    return x
 
 
 def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
@@ -105,10 +129,11 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     for lo, hi in _chunks(B, Hq * L * (P + S)):
         rows = slice(lo, hi)
-        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
-        s = _scores(_group_q(q, rows, Hkv, cdt), kj, scale, _visible(rows, L, S, P, causal, key_padding_mask, q.device), G, L)
+        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt, key_padding_mask)
+        vis = _visible(rows, L, S, P, causal, key_padding_mask, q.device)
+        s = _scores(_group_q(q, rows, Hkv, cdt), kj, scale, vis, G, L)
         m = torch.logsumexp(s, dim=-1, keepdim=True)
-        p = _softmax(s)
+        p = _softmax(s, vis, G, L)
         if dropout_p > 0.0:
             keep = torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, q.device) for b in range(lo, hi)])
             p = p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
@@ -134,11 +159,12 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     for lo, hi in _chunks(B, Hq * L * (P + S)):
         rows = slice(lo, hi)
         r = hi - lo
-        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
+        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt, key_padding_mask)
         qg = _group_q(q, rows, Hkv, cdt)
         dog = _group_q(dout, rows, Hkv, cdt)
-        s = _scores(qg, kj, scale, _visible(rows, L, S, P, causal, key_padding_mask, q.device), G, L)
-        p = _softmax(s)  # the whole row is at hand: no need to go through lse
+        vis = _visible(rows, L, S, P, causal, key_padding_mask, q.device)
+        s = _scores(qg, kj, scale, vis, G, L)
+        p = _softmax(s, vis, G, L)  # the whole row is at hand: no need to go through lse
         del s
         dp = torch.matmul(dog, vj.transpose(-1, -2))  # [r, Hkv, G*L, P+S]
         if dropout_p > 0.0:
@@ -154,6 +180,9 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         delta = (p * dp).sum(-1, keepdim=True)
         ds = p.mul_(dp.sub_(delta)).mul_(scale)  # reuses p's storage
         del dp
+        if not math.isfinite(scale) and vis is not None:
+            # 0 * nan: a row that sees nothing keeps zero gradients whatever the scale.
+            ds = _softmax_dead_rows_to_zero(ds, vis, G, L)
         dq[rows] = torch.matmul(ds, kj).view(r, Hq, L, D).to(q.dtype)
         dkj = torch.matmul(ds.transpose(-1, -2), qg)  # [r, Hkv, P+S, D]
         dk[rows] = dkj[:, :, P:].to(k.dtype)
@@ -177,4 +206,6 @@ def reduce_prefix_grad(per_row: Tensor, prefix_index: Tensor, T: int) -> Tensor:
     if T == 1:
         return per_row.sum(0, keepdim=True)
     onehot = torch.nn.functional.one_hot(prefix_index, T).to(per_row.dtype).t()  # [T, B]
+    if per_row.shape[0] == 0:  # B = 0: nothing used any task
+        return per_row.new_zeros(T, *per_row.shape[1:])
     return (onehot @ per_row.reshape(per_row.shape[0], -1)).view(T, *per_row.shape[1:])

@@ -352,6 +352,9 @@ def test_main_flow_with_the_gpu_parts_faked(tmp_path, monkeypatch, capsys):
     """main() past the device check (stages, budgets, JSON + markdown, exit code) with the device, the
     build, the test steps and the timer replaced by fakes; the bench loop itself runs on CPU."""
     real_run_bench = gpu.run_bench
+    # tests/conftest.py sets TRITON_INTERPRET for the whole session; main() refuses it once any Triton kernel
+    # module is imported (as in a full run) and pops it otherwise: take it out here so neither happens
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(gpu, "environment", lambda: {"device_name": "FAKE (test)", "torch": torch.__version__,
                                                       "triton": None, "transformers": None, "peft": None,
@@ -383,3 +386,14 @@ def test_main_flow_with_the_gpu_parts_faked(tmp_path, monkeypatch, capsys):
     assert gpu.main(["--quick", "--impl", "peft", "--out", str(out)]) == 1
     text = capsys.readouterr().out
     assert "=== stage 1: FAILED: pytest -m gpu" in text and (out / "gpu.json").exists()
+
+
+def test_main_refuses_an_interpreted_triton_import(monkeypatch, capsys):
+    """With TRITON_INTERPRET set and a Triton kernel module already imported, main() exits 2 before any
+    stage (the kernels would run interpreted); the variable is left as it was."""
+    import softprompt_kernels.triton.prefix_attention  # noqa: F401  (imported: the refusal applies)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert gpu.main(["--quick", "--impl", "peft", "--out", "unused"]) == 2
+    assert "TRITON_INTERPRET is set" in capsys.readouterr().err
+    assert os.environ["TRITON_INTERPRET"] == "1"

@@ -1,8 +1,9 @@
 """The tolerance rule of DESIGN.md §4, shared by the tests and the self-check.
 
 A fused result passes when its max error against a float64 reference is at most twice
-the error that plain PyTorch math in the same low precision makes against that
-reference, plus an epsilon of twice the rounding error of the reference itself in the
+the error that PyTorch's own attention in the same low precision makes against that
+reference: the larger of plain PyTorch math and ``F.scaled_dot_product_attention`` on the
+concatenated K/V (``sdpa_concat_baseline``; callers pass both to ``compare``), plus an epsilon of twice the rounding error of the reference itself in the
 low-precision dtype, computed as FlashAttention's tests do (so a comparison never
 demands more than the dtype can represent).
 
@@ -24,6 +25,7 @@ a 1e-3 one fails.  Elements with a nonzero reference keep the plain rule, unchan
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -39,7 +41,7 @@ class Comparison:
     ``baseline`` = max |plain - f64|, ``floor`` = the absolute floor used where f64 == 0."""
     name: str
     err: float        # |ours - f64| at the worst element
-    baseline: float   # max |plain low-precision math - f64|
+    baseline: float   # max |PyTorch's own low-precision result - f64| (largest over the baselines given)
     bound: float      # 2 * baseline + eps there (at least ``floor`` where f64 == 0)
     floor: float = 0.0
     max_err: float = 0.0  # max |ours - f64| over all elements
@@ -54,26 +56,31 @@ class Comparison:
                 f"zero-reference floor {self.floor:.3e}, max err {self.max_err:.3e}) {flag}")
 
 
-def compare(name: str, ours: Tensor, plain: Tensor, ref64: Tensor, *, scale: float | None = None) -> Comparison:
+def compare(name: str, ours: Tensor, plain: Union[Tensor, Sequence[Tensor]], ref64: Tensor, *,
+            scale: float | None = None) -> Comparison:
     """Apply the tolerance rule; infinities must match exactly, NaN always fails.
 
+    ``plain``: PyTorch's own low-precision result, or several (plain math and SDPA on the
+    concatenated K/V): the baseline is the largest of their errors (NaN elements of a
+    baseline, e.g. SDPA on a fully masked row, are ignored).
     ``scale``: magnitude of the inputs behind ``ref64`` for the zero-reference floor
     (module docstring); default ``max|ref64|``, or 1 when it is zero everywhere.
     """
-    ours, plain, ref64 = ours.detach(), plain.detach(), ref64.detach()
+    plains = [plain] if isinstance(plain, Tensor) else list(plain)
+    ours, ref64 = ours.detach(), ref64.detach()
     if ours.shape != ref64.shape:
         raise AssertionError(f"{name}: shape {tuple(ours.shape)} != reference {tuple(ref64.shape)}")
-    o, p, r = ours.double(), plain.double(), ref64.double()
+    o, r = ours.double(), ref64.double()
     if torch.isnan(o).any():
         return Comparison(name, float("nan"), 0.0, 0.0)
     inf = torch.isinf(r)
     if not torch.equal(torch.isinf(o), inf) or not torch.equal(o[inf], r[inf]):
         return Comparison(name, float("inf"), 0.0, 0.0)
-    o, p, r = o[~inf], p[~inf], r[~inf]
+    o, r = o[~inf], r[~inf]
     if r.numel() == 0:
         return Comparison(name, 0.0, 0.0, 0.0)
     e = (o - r).abs()
-    baseline = (p - r).abs().nan_to_num(0.0).max().item()
+    baseline = max((p.detach().double()[~inf] - r).abs().nan_to_num(0.0).max().item() for p in plains)
     # FlashAttention's epsilon: twice the rounding error the low-precision dtype makes
     # on the reference itself (at magnitudes of at least 0.3).
     lowp = ours.dtype if ours.dtype != torch.float64 else torch.float32
@@ -91,7 +98,37 @@ def compare(name: str, ours: Tensor, plain: Tensor, ref64: Tensor, *, scale: flo
     return Comparison(name, e[worst].item(), baseline, per_elem[worst].item(), floor, e.max().item())
 
 
-def assert_close(name: str, ours: Tensor, plain: Tensor, ref64: Tensor, *, scale: float | None = None) -> Comparison:
+def assert_close(name: str, ours: Tensor, plain: Union[Tensor, Sequence[Tensor]], ref64: Tensor, *,
+                 scale: float | None = None) -> Comparison:
     c = compare(name, ours, plain, ref64, scale=scale)
     assert c.ok, str(c)
     return c
+
+
+def sdpa_concat_baseline(q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor] = None,
+                         prefix_v: Optional[Tensor] = None, prefix_index: Optional[Tensor] = None,
+                         key_padding_mask: Optional[Tensor] = None, *, causal: bool = False,
+                         scale: Optional[float] = None) -> Tensor:
+    """What users run today: ``F.scaled_dot_product_attention`` on the concatenated K/V.
+
+    q ``[B, Hq, L, D]``; k, v ``[B, Hkv, S, D]``; prefix ``[T, Hkv, P, D]`` + ``prefix_index [B]``
+    (or None); bool visibility mask ``[B, 1, L, P + S]`` from the reference (prefix always
+    visible, bottom-right causal, padding) and K/V heads repeated for GQA, as transformers'
+    SDPA path does under PEFT's mask. Differentiable; returns ``out [B, Hq, L, D]``
+    (SDPA may give NaN on a row that sees nothing: ``compare`` ignores NaN baseline elements).
+    """
+    from .reference.attention import visibility_mask
+
+    B, Hq, L, D = q.shape
+    S = k.shape[2]
+    P = 0
+    if prefix_k is not None and prefix_k.shape[-2] > 0:
+        idx = torch.zeros(B, dtype=torch.long, device=q.device) if prefix_index is None else prefix_index.long()
+        k = torch.cat([prefix_k[idx], k], dim=2)
+        v = torch.cat([prefix_v[idx], v], dim=2)
+        P = prefix_k.shape[-2]
+    mask = visibility_mask(B, L, S, P, causal=causal, key_padding_mask=key_padding_mask, device=q.device)
+    G = Hq // k.shape[1]
+    if G > 1:  # transformers' repeat_kv: with a mask it does not pass enable_gqa to SDPA
+        k, v = k.repeat_interleave(G, dim=1), v.repeat_interleave(G, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)

@@ -1,10 +1,50 @@
-"""Plain-PyTorch backend of prefix attention: the CPU path.
+"""PyTorch backend of prefix attention: the CPU path.
 
-Implements the backend contract of ``ops/prefix_attention.py`` with explicit forward
-and backward functions (the backward recomputes the probabilities, so autograd keeps
-only q, k, v, the prefix, out and lse, as the fused kernels do).
-Math runs in float32 (float64 for float64 inputs); work is chunked over batch rows
-to bound the ``[rows, Hq, L, P + S]`` temporaries.
+Implements the backend contract of ``ops/prefix_attention.py`` (forward ->
+``out [B, Hq, L, D]``, ``lse [B, Hq, L]`` float32; backward from ``out``/``lse``).
+
+Fused path (CPU tensors, no dropout, finite scale and finite visible inputs): ATen's
+flash-attention CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (what
+``F.scaled_dot_product_attention`` runs on a CPU) called once per key *part*, the parts
+merged by their log-sum-exp:
+
+* prefix part: non-causal, never masked; a shared ``[Hkv, P, D]`` prefix goes in as a
+  stride-0 ``expand`` over the batch (no copy; the kernel reads strides), a per-row or
+  multi-task prefix as ``prefix_k[prefix_index]`` (``[B, Hkv, P, D]``, small);
+* sequence part: ``is_causal`` (the kernel's causal mask is top-left aligned, which is
+  bottom-right when ``S == L``); causal with ``S > L`` goes in as one dense additive
+  ``[B | 1, 1, L, S]`` mask while that has at most ``_DENSE_MASK_ELEMENTS`` elements
+  (decoding, short chunks), else it is split into the first ``S - L`` keys (visible to
+  every query) and the last ``L`` keys (causal); otherwise the padding mask goes in as
+  an additive ``[B, 1, 1, S]`` row, never a dense mask;
+* GQA: the kernel takes ``Hq != Hkv`` itself (fwd and bwd, dK/dV summed over the group).
+bfloat16 / float16 inputs run the kernel in float32 (measured 4x faster here than its
+bfloat16 path, and each part's output is not rounded before the merge).
+Merge: ``lse = logaddexp(lse_parts)`` (float64 on ``[B, Hq, L]``, rounded once),
+``out = sum_p exp(lse_p - lse) * o_p`` written into one buffer. A part a row cannot see (all keys padded) has ``lse_p = -inf`` (the
+kernel itself returns 0 there, not -inf); a row that sees nothing at all outputs zeros.
+Backward by the split-KV identity: each part's flash backward with the *merged* out and
+lse and the same dO gives that part's exact dQ share, dK and dV; dQ is their sum, the
+prefix gradient is summed over rows per task (deterministic, fixed order).
+Measured alternative, not used: folding the batch into the query length for a shared
+prefix (``q`` as ``[1, H, B*L, D]``) ran at the same speed as the stride-0 expand.
+
+Blockwise path, where the fused kernel cannot express the case:
+* ``dropout_p > 0`` (the ATen CPU flash kernel refuses dropout);
+* a non-finite softmax scale, or a NaN/inf in q, the prefix or a *visible* (not padded)
+  key or value: the kernel treats a row whose scores are all NaN/-inf as fully masked
+  (zeros, lse 0), where DESIGN §2 wants the NaN to propagate;
+* tensors on another device than the CPU (the backend also runs on CUDA tensors).
+It works on blocks of at most ``_BLOCK_ELEMENTS`` scores (batch rows x query rows x
+keys; keys in blocks of ``_KEY_BLOCK`` with an online softmax when ``P + S`` is longer),
+so memory is bounded in L and S; causally invisible key blocks are skipped when every
+input is finite. Padded-out keys and values are zeroed first (out of place) on both
+paths: masked keys and values contribute nothing, forward or backward, whatever they hold.
+
+Dropout mask: drawn per tile of ``_DROP_Q`` query rows x ``_DROP_K`` columns of one
+batch row (all heads), from a generator seeded by ``(seed, row, tile)``, as 32-bit
+integers compared with ``round(p * 2**32)`` (p resolved to 2^-32); ``dropout_keep_mask``
+rebuilds it, independent of the block sizes the path chose.
 """
 from __future__ import annotations
 
@@ -14,177 +54,424 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-# Upper bound on the elements of one [rows, Hq, L, P+S] score block.
-_CHUNK_ELEMENTS = 1 << 25
+_FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+_FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
+
+# Blockwise path: upper bound on the elements of one [rows, Hq, q-block, key-block] score block,
+# and the widest key block (longer P + S: online softmax over key blocks).
+_BLOCK_ELEMENTS = 1 << 22
+_KEY_BLOCK = 1024
+# Fused path, causal with S > L: bottom-right causal as one dense additive mask up to this many
+# elements (decoding, short chunks); beyond it the keys are split into an all-visible and a causal part.
+_DENSE_MASK_ELEMENTS = 1 << 22
+# Dropout tiles: query rows x combined columns of one batch row; every query / key block of the
+# blockwise path starts on a tile boundary (_KEY_BLOCK is a multiple of _DROP_K).
+_DROP_Q = 64
+_DROP_K = 128
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _row_seed(seed: int, b: int) -> int:
-    """Seed of batch row ``b``'s dropout stream (independent of chunking)."""
-    return (seed * 1_000_003 + b * 7_919 + 1) % (2**63 - 1)
+# ------------------------------------------------------------------------ dropout mask
+def _tile_seed(seed: int, b: int, ti: int, tj: int) -> int:
+    """Seed of dropout tile (row b, query tile ti, column tile tj): a splitmix64-style mix."""
+    x = (seed * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9 + ti * 0x94D049BB133111EB + tj * 0x2545F4914F6CDD1D
+         + 1) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 31
+    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    x ^= x >> 29
+    return x & 0x7FFFFFFFFFFFFFFF
+
+
+def _drop_threshold(dropout_p: float) -> int:
+    """Signed 32-bit threshold: keep iff bits >= threshold (drop probability round(p * 2^32) / 2^32)."""
+    return int(round(dropout_p * 2**32)) - 2**31
+
+
+def _tile_keep(seed: int, b: int, ti: int, tj: int, Hq: int, thr: int, device) -> Tensor:
+    """Bool keep mask ``[Hq, _DROP_Q, _DROP_K]`` of one tile."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(_tile_seed(seed, b, ti, tj))
+    bits = torch.empty(Hq * _DROP_Q * _DROP_K // 2, dtype=torch.int64, device=device)
+    bits.random_(-2**63, None, generator=gen)  # full 64-bit range: two 32-bit draws each
+    return bits.view(torch.int32).view(Hq, _DROP_Q, _DROP_K) >= thr
+
+
+def _keep_block(seed: int, rows: range, Hq: int, i0: int, i1: int, c0: int, c1: int, dropout_p: float,
+                device) -> Tensor:
+    """Bool keep mask ``[len(rows), Hq, i1 - i0, c1 - c0]`` (query rows i0:i1, combined columns c0:c1)."""
+    thr = _drop_threshold(dropout_p)
+    out = torch.empty(len(rows), Hq, i1 - i0, c1 - c0, dtype=torch.bool, device=device)
+    for r, b in enumerate(rows):
+        for ti in range(i0 // _DROP_Q, (i1 - 1) // _DROP_Q + 1):
+            a0, a1 = max(i0, ti * _DROP_Q), min(i1, (ti + 1) * _DROP_Q)
+            for tj in range(c0 // _DROP_K, (c1 - 1) // _DROP_K + 1):
+                b0, b1 = max(c0, tj * _DROP_K), min(c1, (tj + 1) * _DROP_K)
+                tile = _tile_keep(seed, b, ti, tj, Hq, thr, device)
+                out[r, :, a0 - i0:a1 - i0, b0 - c0:b1 - c0] = tile[:, a0 - ti * _DROP_Q:a1 - ti * _DROP_Q,
+                                                                   b0 - tj * _DROP_K:b1 - tj * _DROP_K]
+    return out
 
 
 def dropout_keep_mask(seed: int, B: int, Hq: int, L: int, P: int, S: int, dropout_p: float, device) -> Tensor:
     """Bool keep mask ``[B, Hq, L, P + S]`` exactly as this backend draws it."""
-    return torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, device) for b in range(B)])
+    if B * Hq * L * (P + S) == 0:
+        return torch.ones(B, Hq, L, P + S, dtype=torch.bool, device=device)
+    return _keep_block(seed, range(B), Hq, 0, L, 0, P + S, dropout_p, device)
 
 
-def _row_keep(seed: int, b: int, Hq: int, L: int, C: int, dropout_p: float, device) -> Tensor:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(_row_seed(seed, b))
-    return torch.rand((Hq, L, C), generator=gen, device=device) >= dropout_p
+# ------------------------------------------------------------------------ path choice
+def _finite(t: Optional[Tensor]) -> bool:
+    """No NaN/inf in ``t`` (one reduction; a finite sum that overflows reads as non-finite,
+    which only sends the call to the blockwise path)."""
+    return t is None or t.numel() == 0 or math.isfinite(float(t.sum(dtype=torch.float32)))
 
 
-def _chunks(B: int, per_row: int):
-    rows = max(1, _CHUNK_ELEMENTS // max(per_row, 1))
-    for start in range(0, B, rows):
-        yield start, min(B, start + rows)
+def _zero_padded(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]):
+    """k, v with padded-out positions zeroed (out of place) when any of them is non-finite.
 
-
-def _joint_kv(k: Tensor, v: Tensor, prefix_k, prefix_v, prefix_index, rows: slice, dtype, key_padding_mask=None):
-    """K and V of rows ``rows`` with the prefix in front: ``[r, Hkv, P + S, D]``.
-
-    Padded-out keys and values are replaced by zeros (out of place): their
-    probabilities are exactly 0, but ``0 * nan`` would still poison ``P @ V`` and
-    ``dS @ K`` (buffers from ``torch.empty`` hold anything). Masked keys and values
-    contribute nothing at all, forward or backward (DESIGN §2).
+    Finite values at padded positions contribute exactly nothing (probability 0, gradient
+    0), so they are left alone; NaN/inf there would poison ``P @ V`` (0 * nan).
+    Returns ``(k, v, visible_finite)``: the last is False when a visible key or value is
+    non-finite.
     """
+    if key_padding_mask is None:
+        return k, v, _finite(k) and _finite(v)
+    real = key_padding_mask[:, None, :]  # [B, 1, S]
+    out = []
+    ok = True
+    for t in (k, v):
+        fin = torch.isfinite(t.sum(-1, dtype=torch.float32))  # [B, Hkv, S]
+        if not bool(fin.all()):
+            if bool((~fin & real).any()):
+                ok = False
+            t = t.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+        out.append(t)
+    return out[0], out[1], ok
+
+
+def _use_fused(q: Tensor, prefix_k, prefix_v, visible_finite: bool, scale: float, dropout_p: float) -> bool:
+    return (q.device.type == "cpu" and dropout_p == 0.0 and math.isfinite(scale) and visible_finite
+            and _finite(q) and _finite(prefix_k) and _finite(prefix_v))
+
+
+# ------------------------------------------------------------------------ fused path
+def _unit_last(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` with a unit-stride last dim (the flash kernel reads the head dim so)."""
+    t = t.to(dtype)
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
+def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: bool, L: int, dtype):
+    """Key parts ``[(k, v, is_causal, additive mask | None, seen | None, kind)]``.
+
+    ``seen``: bool ``[B, 1, 1 | L]``, whether a query row sees any key of the part (None:
+    every row does); ``kind``: "prefix" or the slice of sequence keys the part covers.
+    """
+    B, S = k.shape[0], k.shape[2]
+    k, v = _unit_last(k, dtype), _unit_last(v, dtype)
+    parts = []
+    if prefix_k is not None:
+        prefix_k, prefix_v = _unit_last(prefix_k, dtype), _unit_last(prefix_v, dtype)
+        T, Hkv, P, D = prefix_k.shape
+        if T == 1:
+            pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
+        else:
+            pk, pv = prefix_k[prefix_index], prefix_v[prefix_index]
+        parts.append((pk, pv, False, None, None, "prefix"))
+    if causal and S > L and (B if key_padding_mask is not None else 1) * L * S <= _DENSE_MASK_ELEMENTS:
+        # bottom-right causal as one additive [B | 1, 1, L, S] mask: one part, one lse rounding
+        i = torch.arange(L, device=k.device)[:, None]
+        j = torch.arange(S, device=k.device)[None, :]
+        vis = (j <= i + (S - L))[None, None]
+        seen = None
+        if key_padding_mask is not None:
+            vis = vis & key_padding_mask[:, None, None, :]
+            seen = key_padding_mask.cummax(-1).values[:, None, None, S - L:]
+        mask = torch.zeros(vis.shape, dtype=dtype, device=k.device).masked_fill_(~vis, float("-inf"))
+        parts.append((k, v, False, mask, seen, slice(0, S)))
+        return parts
+    spans = [(0, S - L, False), (S - L, S, True)] if causal and S > L else [(0, S, causal)]
+    for lo, hi, is_causal in spans:
+        if hi == lo:
+            continue
+        mask = seen = None
+        if key_padding_mask is not None:
+            real = key_padding_mask[:, lo:hi]  # [B, n]
+            mask = torch.zeros(B, 1, 1, hi - lo, dtype=dtype, device=k.device)
+            mask.masked_fill_(~real[:, None, None, :], float("-inf"))
+            # causal (top-left within the part, n == L here): row i sees keys 0..i of the part
+            seen = real.cummax(-1).values[:, None, None, :L] if is_causal else real.any(-1)[:, None, None, None]
+        parts.append((k[:, :, lo:hi], v[:, :, lo:hi], is_causal, mask, seen, slice(lo, hi)))
+    return parts
+
+
+def _fused_forward(q, parts, scale: float):
+    B, Hq, L, D = q.shape
+    out_dtype, q = q.dtype, _unit_last(q, _compute_dtype(q.dtype))
+    outs, lses = [], []
+    for pk, pv, is_causal, mask, seen, _ in parts:
+        o, lse = _FLASH(q, pk, pv, 0.0, is_causal, attn_mask=mask, scale=scale)
+        lse = lse.float()
+        if seen is not None:
+            lse = lse.masked_fill(~seen.squeeze(2), float("-inf"))  # the kernel gives 0 there
+        outs.append(o)
+        lses.append(lse)
+    if len(parts) == 1:
+        # a row that sees nothing: the kernel already wrote zeros
+        return outs[0].to(out_dtype, memory_format=torch.contiguous_format), lses[0].contiguous()
+    # merge in float64 ([B, Hq, L] only): the merged lse is rounded once, and the weights sum to 1
+    l64 = [x.double() for x in lses]
+    lse = l64[0]
+    for x in l64[1:]:
+        lse = torch.logaddexp(lse, x)
+    safe = lse.masked_fill(torch.isneginf(lse), 0.0)  # rows that see nothing: weights 0, not nan
+    acc = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+    for n, (o, x) in enumerate(zip(outs, l64)):
+        w = torch.exp(x - safe).to(acc.dtype).unsqueeze(-1)
+        if n == 0:
+            torch.mul(o, w, out=acc)
+        else:
+            acc.addcmul_(o, w)
+    return acc.to(out_dtype), lse.float().contiguous()
+
+
+def _fused_backward(dout, q, parts, out, lse, scale: float, prefix_k, prefix_index, k_shape):
+    cdt = _compute_dtype(q.dtype)
+    q_dtype = q.dtype
+    q, dout, out = _unit_last(q, cdt), _unit_last(dout, cdt), _unit_last(out, cdt)
+    lse_k = lse.masked_fill(torch.isneginf(lse), 0.0) if any(p[4] is not None for p in parts) else lse
+    dq = None
+    dk_parts, dv_parts = [], []
+    dpk = dpv = None
+    for pk, pv, is_causal, mask, _, kind in parts:
+        gq, gk, gv = _FLASH_BWD(dout, q, pk, pv, out, lse_k, 0.0, is_causal, attn_mask=mask, scale=scale)
+        if dq is None:
+            dq = gq if gq.dtype == cdt else gq.to(cdt)
+        else:
+            dq.add_(gq)
+        if kind == "prefix":
+            T = prefix_k.shape[0]
+            dpk, dpv = reduce_prefix_grad(gk.to(cdt), prefix_index, T), reduce_prefix_grad(gv.to(cdt), prefix_index, T)
+        else:
+            dk_parts.append(gk)
+            dv_parts.append(gv)
+    dk = dk_parts[0] if len(dk_parts) == 1 else torch.cat(dk_parts, dim=2)
+    dv = dv_parts[0] if len(dv_parts) == 1 else torch.cat(dv_parts, dim=2)
+    assert tuple(dk.shape) == tuple(k_shape)
+    return dq.to(q_dtype), dk, dv, dpk, dpv
+
+
+# ------------------------------------------------------------------------ blockwise path
+def _blocks(B: int, Hq: int, L: int, C: int):
+    """(batch rows per chunk, query rows per block, key columns per block)."""
+    kb = max(1, min(C, _KEY_BLOCK))
+    per_q = Hq * kb
+    if L * per_q <= _BLOCK_ELEMENTS:
+        return max(1, _BLOCK_ELEMENTS // max(L * per_q, 1)), L, kb
+    qb = max(_DROP_Q, (_BLOCK_ELEMENTS // per_q) // _DROP_Q * _DROP_Q)
+    return 1, min(qb, L), kb
+
+
+def _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows: slice, dtype):
+    """K and V of rows ``rows`` with the prefix in front: ``[r, Hkv, P + S, D]`` in ``dtype``."""
     kr, vr = k[rows].to(dtype), v[rows].to(dtype)
-    if key_padding_mask is not None:
-        real = key_padding_mask[rows][:, None, :, None]
-        zero = torch.zeros((), dtype=dtype, device=kr.device)
-        kr, vr = torch.where(real, kr, zero), torch.where(real, vr, zero)
     if prefix_k is None:
         return kr, vr
     idx = prefix_index[rows]
     return torch.cat([prefix_k[idx].to(dtype), kr], dim=2), torch.cat([prefix_v[idx].to(dtype), vr], dim=2)
 
 
-def _visible(rows: slice, L: int, S: int, P: int, causal: bool, key_padding_mask, device) -> Optional[Tensor]:
-    """Bool ``[r or 1, 1, L, P + S]`` visibility, or None when everything is visible."""
-    if not causal and key_padding_mask is None:
+def _visible_block(rows: slice, i0: int, i1: int, c0: int, c1: int, L: int, S: int, P: int, causal: bool,
+                   key_padding_mask, device) -> Optional[Tensor]:
+    """Bool ``[r | 1, 1, i1 - i0, c1 - c0]`` visibility of combined columns c0:c1, or None if all visible."""
+    if c1 <= P or (not causal and key_padding_mask is None):
         return None
-    seq = torch.ones(1, 1, L, S, dtype=torch.bool, device=device)
+    j = torch.arange(c0, c1, device=device) - P  # sequence column (negative: prefix)
+    vis = torch.ones(1, 1, i1 - i0, c1 - c0, dtype=torch.bool, device=device)
     if causal:
-        i = torch.arange(L, device=device)[:, None]
-        j = torch.arange(S, device=device)[None, :]
-        seq = (j <= i + (S - L))[None, None]
+        i = torch.arange(i0, i1, device=device)[:, None]
+        vis = (j[None, :] <= i + (S - L))[None, None]
     if key_padding_mask is not None:
-        seq = seq & key_padding_mask[rows][:, None, None, :]
-    pre = torch.ones(seq.shape[0], 1, L, P, dtype=torch.bool, device=device)
-    return torch.cat([pre, seq], dim=-1)
+        real = key_padding_mask[rows]
+        first = max(c0, P)  # first sequence column of the block
+        pad = torch.ones(real.shape[0], c1 - c0, dtype=torch.bool, device=device)
+        pad[:, first - c0:] = real[:, first - P:c1 - P]
+        vis = vis & pad[:, None, None, :]
+    return vis | (j < 0)
 
 
-def _scores(qg: Tensor, kj: Tensor, scale: float, visible: Optional[Tensor], G: int, L: int) -> Tensor:
-    """Masked scaled scores ``[r, Hkv, G*L, P+S]``."""
-    s = torch.matmul(qg, kj.transpose(-1, -2)).mul_(scale)
-    if visible is not None:
-        # visible is [r|1, 1, L, C]; the G query heads of a group share it.
-        s = s.view(s.shape[0], s.shape[1], G, L, -1).masked_fill_(~visible[:, :, None], float("-inf"))
-        s = s.view(s.shape[0], s.shape[1], G * L, -1)
+def _dead_rows(rows: slice, i0: int, i1: int, L: int, S: int, P: int, causal: bool, key_padding_mask):
+    """Bool ``[r, 1, i1 - i0]``: query rows that see no column at all (P = 0 only), or None."""
+    if P > 0 or key_padding_mask is None:
+        return None  # causal alone always leaves key 0 visible (S >= L)
+    real = key_padding_mask[rows]
+    if causal:
+        seen = real.cummax(-1).values[:, i0 + S - L:i1 + S - L]
+    else:
+        seen = real.any(-1, keepdim=True).expand(-1, i1 - i0)
+    dead = ~seen[:, None, :]
+    return dead if bool(dead.any()) else None
+
+
+def _group(x: Tensor, rows: slice, i0: int, i1: int, Hkv: int, dtype) -> Tensor:
+    """``[B, Hq, L, D]`` -> rows, queries i0:i1 as ``[r, Hkv, G * n, D]`` in ``dtype``."""
+    xr = x[rows, :, i0:i1].to(dtype)
+    r, Hq, n, D = xr.shape
+    return xr.reshape(r, Hkv, (Hq // Hkv) * n, D)
+
+
+def _masked_scores(qg, kb, scale, vis, G: int, n: int) -> Tensor:
+    """Scaled scores ``[r, Hkv, G * n, c]`` with invisible columns at -inf."""
+    s = torch.matmul(qg, kb.transpose(-1, -2)).mul_(scale)
+    if vis is not None:
+        r, h, _, c = s.shape
+        s = s.view(r, h, G, n, c).masked_fill_(~vis[:, :, None], float("-inf")).view(r, h, G * n, c)
     return s
 
 
-def _group_q(x: Tensor, rows: slice, Hkv: int, dtype) -> Tensor:
-    """``[B, Hq, L, D]`` rows -> ``[r, Hkv, G*L, D]`` in ``dtype``."""
-    xr = x[rows].to(dtype)
-    r, Hq, L, D = xr.shape
-    return xr.reshape(r, Hkv, (Hq // Hkv) * L, D)
-
-
-def _softmax(s: Tensor, visible: Optional[Tensor], G: int, L: int) -> Tensor:
-    """Row softmax of masked scores ``[r, Hkv, G*L, C]``; rows that see no column give zeros.
-
-    Only rows with no *visible* column (from the mask, never from the score values) are
-    zeroed: a NaN/inf in a visible score propagates to its row as NaN, as in the
-    reference and SDPA (DESIGN §2), instead of being turned into a silent zero row.
-    A direct softmax (max, exp, normalise) rounds less than ``exp(s - lse)``, whose
-    relative error grows with ``|lse|``.
-    """
-    p = torch.softmax(s, dim=-1)
-    return p if visible is None else _softmax_dead_rows_to_zero(p, visible, G, L)
-
-
-def _softmax_dead_rows_to_zero(x: Tensor, visible: Tensor, G: int, L: int) -> Tensor:
-    """Zero (in place) the rows of ``x [r, Hkv, G*L, C]`` that have no visible column."""
-    dead = ~visible.any(dim=-1)  # [r|1, 1, L]
-    if bool(dead.any()):
-        r, h, _, c = x.shape
-        x.view(r, h, G, L, c).masked_fill_(dead[:, :, None, :, None], 0.0)
+def _rows_fill_(x: Tensor, dead: Optional[Tensor], G: int, n: int, value: float) -> Tensor:
+    """In place: the query rows ``dead [r, 1, n]`` of ``x [r, Hkv, G * n, ...]`` set to ``value``."""
+    if dead is None:
+        return x
+    r, h = x.shape[:2]
+    tail = x.shape[3:]
+    x.view(r, h, G, n, *tail).masked_fill_(dead.view(r, 1, 1, n, *([1] * len(tail))), value)
     return x
 
 
-def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
-                      causal: bool, scale: float, dropout_p: float, seed: int):
-    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype), ``lse [B, Hq, L]`` float32."""
+def _col_limit(i1: int, L: int, S: int, P: int, C: int, causal: bool, skip: bool) -> int:
+    """Combined columns a block of queries ending at i1 can see (all C unless skipping causally)."""
+    return min(C, P + i1 + (S - L)) if causal and skip else C
+
+
+def _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *, causal, scale, dropout_p,
+                       seed, skip):
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
-    G = Hq // Hkv
+    C, G = P + S, Hq // Hkv
     cdt = _compute_dtype(q.dtype)
     out = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-    for lo, hi in _chunks(B, Hq * L * (P + S)):
-        rows = slice(lo, hi)
-        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt, key_padding_mask)
-        vis = _visible(rows, L, S, P, causal, key_padding_mask, q.device)
-        s = _scores(_group_q(q, rows, Hkv, cdt), kj, scale, vis, G, L)
-        m = torch.logsumexp(s, dim=-1, keepdim=True)
-        p = _softmax(s, vis, G, L)
-        if dropout_p > 0.0:
-            keep = torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, q.device) for b in range(lo, hi)])
-            p = p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
-        o = torch.matmul(p, vj)
-        out[rows] = o.view(hi - lo, Hq, L, D).to(q.dtype)
-        lse[rows] = m.view(hi - lo, Hq, L).float()
+    nrows, qb, kb = _blocks(B, Hq, L, C)
+    for lo in range(0, B, nrows):
+        rows = slice(lo, min(B, lo + nrows))
+        r = rows.stop - rows.start
+        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
+        for i0 in range(0, L, qb):
+            i1 = min(L, i0 + qb)
+            n = i1 - i0
+            qg = _group(q, rows, i0, i1, Hkv, cdt)
+            dead = _dead_rows(rows, i0, i1, L, S, P, causal, key_padding_mask)
+            cmax = _col_limit(i1, L, S, P, C, causal, skip)
+            if cmax <= kb:  # one key block: a direct softmax (rounds less than exp(s - lse))
+                vis = _visible_block(rows, i0, i1, 0, cmax, L, S, P, causal, key_padding_mask, q.device)
+                s = _masked_scores(qg, kj[:, :, :cmax], scale, vis, G, n)
+                m = torch.logsumexp(s, dim=-1)
+                p = _rows_fill_(torch.softmax(s, dim=-1), dead, G, n, 0.0)
+                del s
+                if dropout_p > 0.0:
+                    keep = _keep_block(seed, range(rows.start, rows.stop), Hq, i0, i1, 0, cmax, dropout_p, q.device)
+                    p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
+                o = torch.matmul(p, vj[:, :, :cmax])
+            else:  # online softmax over key blocks
+                m = torch.full((r, Hkv, G * n), float("-inf"), dtype=cdt, device=q.device)
+                l_sum = torch.zeros_like(m)
+                o = torch.zeros(r, Hkv, G * n, D, dtype=cdt, device=q.device)
+                for c0 in range(0, cmax, kb):
+                    c1 = min(cmax, c0 + kb)
+                    vis = _visible_block(rows, i0, i1, c0, c1, L, S, P, causal, key_padding_mask, q.device)
+                    s = _masked_scores(qg, kj[:, :, c0:c1], scale, vis, G, n)
+                    m_new = torch.maximum(m, s.amax(-1))
+                    m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
+                    alpha = torch.exp(m - m_safe)
+                    p = torch.exp(s.sub_(m_safe.unsqueeze(-1)))
+                    del s
+                    l_sum.mul_(alpha).add_(p.sum(-1))
+                    if dropout_p > 0.0:
+                        keep = _keep_block(seed, range(rows.start, rows.stop), Hq, i0, i1, c0, c1, dropout_p,
+                                           q.device)
+                        p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
+                    o.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, vj[:, :, c0:c1]))
+                    m = m_new
+                o.div_(l_sum.unsqueeze(-1))
+                m = m + torch.log(l_sum)
+                _rows_fill_(o, dead, G, n, 0.0)
+            _rows_fill_(m, dead, G, n, float("-inf"))
+            out[rows, :, i0:i1] = o.view(r, Hq, n, D).to(q.dtype)
+            lse[rows, :, i0:i1] = m.view(r, Hq, n).float()
     return out, lse
 
 
-def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *,
-                       causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool = True):
-    """Backend backward: dq, dk, dv and the prefix gradients reduced per task ``[T, Hkv, P, D]``."""
+def _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *, causal,
+                        scale, dropout_p, seed, skip):
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
-    G = Hq // Hkv
+    C, G = P + S, Hq // Hkv
     cdt = _compute_dtype(q.dtype)
     dq = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
     dk = torch.empty(B, Hkv, S, D, dtype=k.dtype, device=k.device)
     dv = torch.empty(B, Hkv, S, D, dtype=v.dtype, device=v.device)
     dpk_rows = torch.empty(B, Hkv, P, D, dtype=cdt, device=q.device) if P else None
     dpv_rows = torch.empty(B, Hkv, P, D, dtype=cdt, device=q.device) if P else None
-    for lo, hi in _chunks(B, Hq * L * (P + S)):
-        rows = slice(lo, hi)
-        r = hi - lo
-        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt, key_padding_mask)
-        qg = _group_q(q, rows, Hkv, cdt)
-        dog = _group_q(dout, rows, Hkv, cdt)
-        vis = _visible(rows, L, S, P, causal, key_padding_mask, q.device)
-        s = _scores(qg, kj, scale, vis, G, L)
-        p = _softmax(s, vis, G, L)  # the whole row is at hand: no need to go through lse
-        del s
-        dp = torch.matmul(dog, vj.transpose(-1, -2))  # [r, Hkv, G*L, P+S]
-        if dropout_p > 0.0:
-            keep = torch.stack([_row_keep(seed, b, Hq, L, P + S, dropout_p, q.device) for b in range(lo, hi)])
-            keep = keep.view_as(p).to(cdt).mul_(1.0 / (1.0 - dropout_p))
-            dvj = torch.matmul((p * keep).transpose(-1, -2), dog)
-            dp.mul_(keep)
-            del keep
-        else:
-            dvj = torch.matmul(p.transpose(-1, -2), dog)
-        # delta_i = sum_j P_ij dP_ij: the softmax-backward row term, taken from the
-        # probabilities themselves (as autograd does) rather than rowsum(dO * O).
-        delta = (p * dp).sum(-1, keepdim=True)
-        ds = p.mul_(dp.sub_(delta)).mul_(scale)  # reuses p's storage
-        del dp
-        if not math.isfinite(scale) and vis is not None:
-            # 0 * nan: a row that sees nothing keeps zero gradients whatever the scale.
-            ds = _softmax_dead_rows_to_zero(ds, vis, G, L)
-        dq[rows] = torch.matmul(ds, kj).view(r, Hq, L, D).to(q.dtype)
-        dkj = torch.matmul(ds.transpose(-1, -2), qg)  # [r, Hkv, P+S, D]
+    drop_scale = 1.0 / (1.0 - dropout_p)
+    nrows, qb, kb = _blocks(B, Hq, L, C)
+    for lo in range(0, B, nrows):
+        rows = slice(lo, min(B, lo + nrows))
+        r = rows.stop - rows.start
+        kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
+        dkj = torch.zeros_like(kj)
+        dvj = torch.zeros_like(vj)
+        for i0 in range(0, L, qb):
+            i1 = min(L, i0 + qb)
+            n = i1 - i0
+            qg = _group(q, rows, i0, i1, Hkv, cdt)
+            dog = _group(dout, rows, i0, i1, Hkv, cdt)
+            dead = _dead_rows(rows, i0, i1, L, S, P, causal, key_padding_mask)
+            cmax = _col_limit(i1, L, S, P, C, causal, skip)
+            single = cmax <= kb
+            if not single:
+                # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) (also with dropout); lse from the forward
+                delta = (dog * _group(out, rows, i0, i1, Hkv, cdt)).sum(-1, keepdim=True)
+                lse_b = lse[rows, :, i0:i1].to(cdt).reshape(r, Hkv, G * n)
+                lse_b = _rows_fill_(lse_b.clone(), dead, G, n, 0.0).unsqueeze(-1)
+            dq_b = None
+            for c0 in range(0, cmax, kb):
+                c1 = min(cmax, c0 + kb)
+                vis = _visible_block(rows, i0, i1, c0, c1, L, S, P, causal, key_padding_mask, q.device)
+                s = _masked_scores(qg, kj[:, :, c0:c1], scale, vis, G, n)
+                if single:  # the whole row is at hand: a direct softmax, as in the forward
+                    p = _rows_fill_(torch.softmax(s, dim=-1), dead, G, n, 0.0)
+                else:
+                    p = torch.exp(s.sub_(lse_b))
+                del s
+                dp = torch.matmul(dog, vj[:, :, c0:c1].transpose(-1, -2))
+                if dropout_p > 0.0:
+                    keep = _keep_block(seed, range(rows.start, rows.stop), Hq, i0, i1, c0, c1, dropout_p, q.device)
+                    keep = keep.view_as(p).to(cdt).mul_(drop_scale)
+                    dvj[:, :, c0:c1] += torch.matmul((p * keep).transpose(-1, -2), dog)
+                    dp.mul_(keep)
+                    del keep
+                else:
+                    dvj[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dog)
+                if single:
+                    # the softmax-backward row term from the probabilities themselves (as autograd does)
+                    delta = (p * dp).sum(-1, keepdim=True)
+                ds = p.mul_(dp.sub_(delta)).mul_(scale)  # reuses p's storage
+                del dp
+                if not math.isfinite(scale):
+                    _rows_fill_(ds, dead, G, n, 0.0)  # 0 * nan: a row that sees nothing keeps zero gradients
+                g = torch.matmul(ds, kj[:, :, c0:c1])
+                dq_b = g if dq_b is None else dq_b.add_(g)
+                dkj[:, :, c0:c1] += torch.matmul(ds.transpose(-1, -2), qg)
+                del ds
+            if dq_b is None:
+                dq_b = qg.new_zeros(qg.shape)
+            dq[rows, :, i0:i1] = dq_b.view(r, Hq, n, D).to(q.dtype)
         dk[rows] = dkj[:, :, P:].to(k.dtype)
         dv[rows] = dvj[:, :, P:].to(v.dtype)
         if P:
@@ -195,6 +482,37 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     return (dq, dk, dv,
             reduce_prefix_grad(dpk_rows, prefix_index, prefix_k.shape[0]).to(prefix_k.dtype),
             reduce_prefix_grad(dpv_rows, prefix_index, prefix_v.shape[0]).to(prefix_v.dtype))
+
+
+# ------------------------------------------------------------------------ backend contract
+def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
+                      causal: bool, scale: float, dropout_p: float, seed: int):
+    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype, contiguous), ``lse [B, Hq, L]`` float32."""
+    k, v, vis_finite = _zero_padded(k, v, key_padding_mask)
+    if _use_fused(q, prefix_k, prefix_v, vis_finite, scale, dropout_p):
+        parts = _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, q.shape[2],
+                       _compute_dtype(q.dtype))
+        return _fused_forward(q, parts, scale)
+    skip = vis_finite and _finite(q) and _finite(prefix_k) and _finite(prefix_v)
+    return _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal=causal,
+                              scale=scale, dropout_p=dropout_p, seed=seed, skip=skip)
+
+
+def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *,
+                       causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool = True):
+    """Backend backward: dq, dk, dv and the prefix gradients reduced per task ``[T, Hkv, P, D]``."""
+    k_in = k
+    k, v, vis_finite = _zero_padded(k, v, key_padding_mask)
+    if _use_fused(q, prefix_k, prefix_v, vis_finite, scale, dropout_p):
+        parts = _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, q.shape[2],
+                       _compute_dtype(q.dtype))
+        dq, dk, dv, dpk, dpv = _fused_backward(dout, q, parts, out, lse, scale, prefix_k, prefix_index, k_in.shape)
+        if dpk is not None:
+            dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+        return dq, dk.to(k_in.dtype), dv.to(k_in.dtype), dpk, dpv
+    skip = vis_finite and _finite(q) and _finite(prefix_k) and _finite(prefix_v)
+    return _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
+                               causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, skip=skip)
 
 
 def reduce_prefix_grad(per_row: Tensor, prefix_index: Tensor, T: int) -> Tensor:

@@ -159,6 +159,24 @@ def run_reference(c: AttnCase, x: dict, cast):
     return [o, lse, *grads]
 
 
+def run_sdpa(c: AttnCase, x: dict, cast):
+    """(out, None, *grads) of ``F.scaled_dot_product_attention`` on the concatenated K/V in ``cast``:
+    the second baseline of the DESIGN §4 rule (no lse)."""
+    from softprompt_kernels.testing import sdpa_concat_baseline
+
+    names = [n for n in ("q", "k", "v", "pk", "pv") if x[n] is not None]
+    ls = [x[n].detach().to(cast).requires_grad_() for n in names]
+    q, k, v = ls[:3]
+    pk = pv = None
+    if x["pk"] is not None:
+        pk, pv = ls[3], ls[4]
+        if c.form == "shared":
+            pk, pv = pk[None], pv[None]
+    o = sdpa_concat_baseline(q, k, v, pk, pv, x["norm_idx"], x["mask"], causal=c.causal, scale=c.scale)
+    grads = torch.autograd.grad(o, ls, x["dout"].to(cast))
+    return [o, None, *grads]
+
+
 def run_op(c: AttnCase, x: dict, backend: str):
     from softprompt_kernels import prefix_attention
 
@@ -182,9 +200,11 @@ def check_attention(c: AttnCase, backend: str = "torch", only=None):
     x = build_attention_inputs(c)
     ours = run_op(c, x, backend)
     plain = run_reference(c, x, DTYPES[c.dtype])
+    sdpa = run_sdpa(c, x, DTYPES[c.dtype])
     ref = run_reference(c, x, torch.float64)
     names = ATTN_NAMES if c.form != "none" else ATTN_NAMES[:5]
-    comps = [compare(n, a, p, r) for n, a, p, r in zip(names, ours, plain, ref) if only is None or n in only]
+    comps = [compare(n, a, [p] if s is None else [p, s], r)
+             for n, a, p, s, r in zip(names, ours, plain, sdpa, ref) if only is None or n in only]
     bad = [str(cm) for cm in comps if not cm.ok]
     assert not bad, f"{c}\n" + "\n".join(bad) + "\nrepro:\n" + c.repro(backend)
     return comps

@@ -168,7 +168,7 @@ def _prefix_attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     B, Hq, L, D = q.shape
     if B * Hq * L == 0:  # empty batch / no queries: nothing for a backend to do
-        return q.new_zeros(B, Hq, L, D), q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
+        return _new_out(q, backend).zero_(), q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
     mod = attention_backend_module(backend)
     return mod.attention_forward(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
@@ -179,7 +179,16 @@ def _prefix_attention_fwd(
 @_prefix_attention_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, causal, scale, dropout_p, deterministic, backend):
     B, Hq, L, D = q.shape
-    return q.new_empty(B, Hq, L, D), q.new_empty(B, Hq, L, dtype=torch.float32)
+    return _new_out(q, backend), q.new_empty(B, Hq, L, dtype=torch.float32)
+
+
+def _new_out(q: Tensor, backend: str) -> Tensor:
+    """Empty ``out`` in the layout ``backend`` returns: the torch backend follows q's layout
+    (``empty_like``: a ``[B, L, H, D]`` transposed q gives a transposed out, which transformers'
+    ``out.transpose(1, 2).contiguous()`` then reads without a copy); the others are contiguous."""
+    if backend == "torch":
+        return torch.empty_like(q, memory_format=torch.preserve_format)
+    return q.new_empty(q.shape)
 
 
 @torch.library.custom_op("softprompt_kernels::prefix_attention_bwd", mutates_args=())
@@ -287,7 +296,8 @@ def prefix_attention(
             ``"torch"``.
 
     Returns:
-        ``out [B, Hq, L, D]`` in q's dtype (a row that sees no key gives zeros), or
+        ``out [B, Hq, L, D]`` in q's dtype (a row that sees no key gives zeros; on the torch
+        backend in q's memory layout, elsewhere contiguous), or
         ``(out, lse)``. Gradients flow to q, k, v and the prefix; the prefix gradient
         comes back in the prefix's own shape, summed over the rows (and query heads of
         each kv group) that used it.

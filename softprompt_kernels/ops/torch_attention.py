@@ -1,50 +1,53 @@
 """PyTorch backend of prefix attention: the CPU path.
 
-Implements the backend contract of ``ops/prefix_attention.py`` (forward ->
-``out [B, Hq, L, D]``, ``lse [B, Hq, L]`` float32; backward from ``out``/``lse``).
+Implements the backend contract of ``ops/prefix_attention.py``: forward ->
+``out [B, Hq, L, D]`` (q's dtype and memory layout, as ``torch.empty_like(q)``) and
+``lse [B, Hq, L]`` float32; backward from ``out`` / ``lse``.
 
-Fused path (CPU tensors, no dropout, finite scale and finite visible inputs): ATen's
-flash-attention CPU kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (what
-``F.scaled_dot_product_attention`` runs on a CPU) called once per key *part*, the parts
-merged by their log-sum-exp:
+Fused path (CPU tensors, ``dropout_p == 0``, finite scale): ATen's flash-attention CPU
+kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (what
+``F.scaled_dot_product_attention`` runs on a CPU) once per key *part*, the parts merged
+by their log-sum-exp:
 
+* non-causal: one call on the concatenated ``[prefix, keys]`` (K/V copied, a ``[B, 1, 1,
+  P + S]`` mask row for padding); causal: a prefix part and a sequence part.
 * prefix part: non-causal, never masked; a shared ``[Hkv, P, D]`` prefix goes in as a
-  stride-0 ``expand`` over the batch (no copy; the kernel reads strides), a per-row or
-  multi-task prefix as ``prefix_k[prefix_index]`` (``[B, Hkv, P, D]``, small);
-* sequence part: ``is_causal`` (the kernel's causal mask is top-left aligned, which is
-  bottom-right when ``S == L``); causal with ``S > L`` goes in as one dense additive
-  ``[B | 1, 1, L, S]`` mask while that has at most ``_DENSE_MASK_ELEMENTS`` elements
-  (decoding, short chunks), else it is split into the first ``S - L`` keys (visible to
-  every query) and the last ``L`` keys (causal); otherwise the padding mask goes in as
-  an additive ``[B, 1, 1, S]`` row, never a dense mask;
-* GQA: the kernel takes ``Hq != Hkv`` itself (fwd and bwd, dK/dV summed over the group).
-bfloat16 / float16 inputs run the kernel in float32 (measured 4x faster here than its
-bfloat16 path, and each part's output is not rounded before the merge).
-Merge: ``lse = logaddexp(lse_parts)`` (float64 on ``[B, Hq, L]``, rounded once),
-``out = sum_p exp(lse_p - lse) * o_p`` written into one buffer. A part a row cannot see (all keys padded) has ``lse_p = -inf`` (the
-kernel itself returns 0 there, not -inf); a row that sees nothing at all outputs zeros.
+  stride-0 ``expand`` over the batch (no copy: the kernel reads strides), a per-row or
+  multi-task prefix as ``prefix_k[prefix_index]`` (``[B, Hkv, P, D]``, small). Folding the
+  batch into the query length (q as ``[1, H, B*L, D]``) measured the same speed: not used.
+* sequence part: ``is_causal`` (the kernel's causal mask is top-left aligned = bottom-right
+  when ``S == L``); causal with ``S > L`` as one dense additive ``[B | 1, 1, L, S]`` mask up
+  to ``_DENSE_MASK_ELEMENTS`` elements (decoding, short chunks), beyond that split into the
+  first ``S - L`` keys (seen by every query) and the last ``L`` (causal); padding as an
+  additive ``[B, 1, 1, S]`` row.
+* GQA: the kernel takes ``Hq != Hkv`` itself (dK/dV summed over the group).
+* bfloat16 / float16 run the kernel in float32 (4x faster here than its bfloat16 path, and
+  no rounding of the parts before the merge); the result is rounded once.
+Merge: ``lse = logsumexp(lse_parts)``, ``out = sum_p softmax(lse_parts)_p * o_p`` (weights
+in float64 on ``[B, Hq, L]``; out in place in one part's output). A part that a row cannot
+see (all its keys padded) has ``lse_p = -inf``; a row that sees nothing outputs zeros.
 Backward by the split-KV identity: each part's flash backward with the *merged* out and
-lse and the same dO gives that part's exact dQ share, dK and dV; dQ is their sum, the
-prefix gradient is summed over rows per task (deterministic, fixed order).
-Measured alternative, not used: folding the batch into the query length for a shared
-prefix (``q`` as ``[1, H, B*L, D]``) ran at the same speed as the stride-0 expand.
+lse and the same dO gives that part's dQ share, dK and dV; dQ is their sum; prefix
+gradients are summed over rows per task (fixed order: deterministic).
+NaN/inf: the kernel returns zeros and lse 0 for a row whose scores are all -inf *or
+NaN* (a NaN q row; a part whose visible keys are all NaN), where DESIGN §2 wants the NaN
+to propagate. So the forward checks its *output*: a non-finite out, or a row the kernel
+zeroed although it sees keys, reruns with padded keys/values zeroed, then on the
+blockwise path. The backward is fused iff ``out`` is finite (so it follows the forward).
 
-Blockwise path, where the fused kernel cannot express the case:
-* ``dropout_p > 0`` (the ATen CPU flash kernel refuses dropout);
-* a non-finite softmax scale, or a NaN/inf in q, the prefix or a *visible* (not padded)
-  key or value: the kernel treats a row whose scores are all NaN/-inf as fully masked
-  (zeros, lse 0), where DESIGN §2 wants the NaN to propagate;
-* tensors on another device than the CPU (the backend also runs on CUDA tensors).
-It works on blocks of at most ``_BLOCK_ELEMENTS`` scores (batch rows x query rows x
-keys; keys in blocks of ``_KEY_BLOCK`` with an online softmax when ``P + S`` is longer),
-so memory is bounded in L and S; causally invisible key blocks are skipped when every
-input is finite. Padded-out keys and values are zeroed first (out of place) on both
-paths: masked keys and values contribute nothing, forward or backward, whatever they hold.
+Blockwise path, where the fused kernel cannot express the case: ``dropout_p > 0`` (the
+ATen CPU flash kernel refuses dropout), a non-finite scale, NaN/inf met as above, tensors
+on another device. Blocks of at most ``_BLOCK_ELEMENTS`` scores (batch rows x query rows
+x keys; keys in blocks of ``_KEY_BLOCK`` with an online softmax when ``P + S`` is longer),
+so memory is bounded in L and S. Causal: query blocks of ``_CAUSAL_Q`` rows and no key
+block past the diagonal, unless that leaves a NaN/inf in out (the reference's 0 * inf at
+causally hidden values): then it reruns without skipping. Padded keys/values holding
+NaN/inf are zeroed first (out of place): masked keys and values contribute nothing.
 
-Dropout mask: drawn per tile of ``_DROP_Q`` query rows x ``_DROP_K`` columns of one
-batch row (all heads), from a generator seeded by ``(seed, row, tile)``, as 32-bit
-integers compared with ``round(p * 2**32)`` (p resolved to 2^-32); ``dropout_keep_mask``
-rebuilds it, independent of the block sizes the path chose.
+Dropout mask: drawn per tile of ``_DROP_Q`` query rows x ``min(P + S, _KEY_BLOCK)``
+columns of one batch row and head, from a generator seeded by ``(seed, row, head, tile)``,
+as 32-bit integers compared with ``round(p * 2**32)`` (p resolved to 2^-32);
+``dropout_keep_mask`` rebuilds it, independent of the block sizes the path chose.
 """
 from __future__ import annotations
 
@@ -59,15 +62,16 @@ _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
 
 # Blockwise path: upper bound on the elements of one [rows, Hq, q-block, key-block] score block,
 # and the widest key block (longer P + S: online softmax over key blocks).
-_BLOCK_ELEMENTS = 1 << 22
+_BLOCK_ELEMENTS = 1 << 21
 _KEY_BLOCK = 1024
 # Fused path, causal with S > L: bottom-right causal as one dense additive mask up to this many
 # elements (decoding, short chunks); beyond it the keys are split into an all-visible and a causal part.
 _DENSE_MASK_ELEMENTS = 1 << 22
-# Dropout tiles: query rows x combined columns of one batch row; every query / key block of the
-# blockwise path starts on a tile boundary (_KEY_BLOCK is a multiple of _DROP_K).
-_DROP_Q = 64
-_DROP_K = 128
+# Dropout tiles: _DROP_Q query rows x _tile_width(P + S) columns of one batch row and head; the
+# blockwise path's query blocks start on multiples of _DROP_Q, its key blocks on multiples of _KEY_BLOCK.
+_DROP_Q = 128
+# Causal blockwise path (finite inputs): query rows per block, so key blocks past the diagonal are skipped.
+_CAUSAL_Q = 128
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -75,10 +79,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 # ------------------------------------------------------------------------ dropout mask
-def _tile_seed(seed: int, b: int, ti: int, tj: int) -> int:
-    """Seed of dropout tile (row b, query tile ti, column tile tj): a splitmix64-style mix."""
-    x = (seed * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9 + ti * 0x94D049BB133111EB + tj * 0x2545F4914F6CDD1D
-         + 1) & 0xFFFFFFFFFFFFFFFF
+def _tile_seed(seed: int, b: int, h: int, ti: int, tj: int) -> int:
+    """Seed of dropout tile (row b, head h, query tile ti, column tile tj): a splitmix64-style mix."""
+    x = (seed * 0x9E3779B97F4A7C15 + b * 0xBF58476D1CE4E5B9 + h * 0xD6E8FEB86659FD93 + ti * 0x94D049BB133111EB
+         + tj * 0x2545F4914F6CDD1D + 1) & 0xFFFFFFFFFFFFFFFF
     x ^= x >> 31
     x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
     x ^= x >> 29
@@ -90,36 +94,47 @@ def _drop_threshold(dropout_p: float) -> int:
     return int(round(dropout_p * 2**32)) - 2**31
 
 
-def _tile_keep(seed: int, b: int, ti: int, tj: int, Hq: int, thr: int, device) -> Tensor:
-    """Bool keep mask ``[Hq, _DROP_Q, _DROP_K]`` of one tile."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed(_tile_seed(seed, b, ti, tj))
-    bits = torch.empty(Hq * _DROP_Q * _DROP_K // 2, dtype=torch.int64, device=device)
-    bits.random_(-2**63, None, generator=gen)  # full 64-bit range: two 32-bit draws each
-    return bits.view(torch.int32).view(Hq, _DROP_Q, _DROP_K) >= thr
+def _tile_width(C: int) -> int:
+    """Columns of a dropout tile: all P + S columns up to ``_KEY_BLOCK``, else ``_KEY_BLOCK``."""
+    return C if C <= _KEY_BLOCK else _KEY_BLOCK
 
 
-def _keep_block(seed: int, rows: range, Hq: int, i0: int, i1: int, c0: int, c1: int, dropout_p: float,
+def _keep_block(seed: int, rows: range, Hq: int, i0: int, i1: int, c0: int, c1: int, C: int, dropout_p: float,
                 device) -> Tensor:
-    """Bool keep mask ``[len(rows), Hq, i1 - i0, c1 - c0]`` (query rows i0:i1, combined columns c0:c1)."""
-    thr = _drop_threshold(dropout_p)
-    out = torch.empty(len(rows), Hq, i1 - i0, c1 - c0, dtype=torch.bool, device=device)
+    """Bool keep mask ``[len(rows), Hq, i1 - i0, c1 - c0]`` of query rows i0:i1, combined columns c0:c1.
+
+    Columns c0:c1 lie in one column tile. Each (row, head, query tile, column tile) tile of
+    ``_DROP_Q x _tile_width(C)`` draws from its own generator straight into its contiguous
+    slice of one buffer: no copies, one comparison.
+    """
+    W = _tile_width(C)
+    tj = c0 // W
+    assert (c1 - 1) // W == tj, "a block of columns spans two dropout tiles"
+    ti0, ti1 = i0 // _DROP_Q, (i1 - 1) // _DROP_Q + 1
+    bits = torch.empty(len(rows), Hq, (ti1 - ti0) * _DROP_Q, (W + 1) // 2, dtype=torch.int64, device=device)
+    gen = torch.Generator(device=device)
     for r, b in enumerate(rows):
-        for ti in range(i0 // _DROP_Q, (i1 - 1) // _DROP_Q + 1):
-            a0, a1 = max(i0, ti * _DROP_Q), min(i1, (ti + 1) * _DROP_Q)
-            for tj in range(c0 // _DROP_K, (c1 - 1) // _DROP_K + 1):
-                b0, b1 = max(c0, tj * _DROP_K), min(c1, (tj + 1) * _DROP_K)
-                tile = _tile_keep(seed, b, ti, tj, Hq, thr, device)
-                out[r, :, a0 - i0:a1 - i0, b0 - c0:b1 - c0] = tile[:, a0 - ti * _DROP_Q:a1 - ti * _DROP_Q,
-                                                                   b0 - tj * _DROP_K:b1 - tj * _DROP_K]
-    return out
+        for h in range(Hq):
+            for ti in range(ti0, ti1):
+                gen.manual_seed(_tile_seed(seed, b, h, ti, tj))
+                a = (ti - ti0) * _DROP_Q
+                bits[r, h, a:a + _DROP_Q].random_(-2**63, None, generator=gen)  # two 32-bit draws each
+    keep = bits.view(torch.int32)[..., :W] >= _drop_threshold(dropout_p)
+    a0 = i0 - ti0 * _DROP_Q
+    return keep[:, :, a0:a0 + (i1 - i0), c0 - tj * W:c1 - tj * W]
 
 
 def dropout_keep_mask(seed: int, B: int, Hq: int, L: int, P: int, S: int, dropout_p: float, device) -> Tensor:
     """Bool keep mask ``[B, Hq, L, P + S]`` exactly as this backend draws it."""
-    if B * Hq * L * (P + S) == 0:
-        return torch.ones(B, Hq, L, P + S, dtype=torch.bool, device=device)
-    return _keep_block(seed, range(B), Hq, 0, L, 0, P + S, dropout_p, device)
+    C = P + S
+    out = torch.ones(B, Hq, L, C, dtype=torch.bool, device=device)
+    if B * Hq * L * C == 0:
+        return out
+    W = _tile_width(C)
+    for c0 in range(0, C, W):
+        c1 = min(C, c0 + W)
+        out[..., c0:c1] = _keep_block(seed, range(B), Hq, 0, L, c0, c1, C, dropout_p, device)
+    return out
 
 
 # ------------------------------------------------------------------------ path choice
@@ -134,27 +149,27 @@ def _zero_padded(k: Tensor, v: Tensor, key_padding_mask: Optional[Tensor]):
 
     Finite values at padded positions contribute exactly nothing (probability 0, gradient
     0), so they are left alone; NaN/inf there would poison ``P @ V`` (0 * nan).
-    Returns ``(k, v, visible_finite)``: the last is False when a visible key or value is
-    non-finite.
+    Returns ``(k, v, visible_finite, zeroed)``: ``visible_finite`` is False when a visible
+    key or value is non-finite, ``zeroed`` says whether k or v was replaced.
     """
     if key_padding_mask is None:
-        return k, v, _finite(k) and _finite(v)
+        return k, v, _finite(k) and _finite(v), False
     real = key_padding_mask[:, None, :]  # [B, 1, S]
     out = []
-    ok = True
+    ok, zeroed = True, False
     for t in (k, v):
         fin = torch.isfinite(t.sum(-1, dtype=torch.float32))  # [B, Hkv, S]
         if not bool(fin.all()):
             if bool((~fin & real).any()):
                 ok = False
             t = t.masked_fill(~key_padding_mask[:, None, :, None], 0.0)
+            zeroed = True
         out.append(t)
-    return out[0], out[1], ok
+    return out[0], out[1], ok, zeroed
 
 
-def _use_fused(q: Tensor, prefix_k, prefix_v, visible_finite: bool, scale: float, dropout_p: float) -> bool:
-    return (q.device.type == "cpu" and dropout_p == 0.0 and math.isfinite(scale) and visible_finite
-            and _finite(q) and _finite(prefix_k) and _finite(prefix_v))
+def _fused_possible(q: Tensor, scale: float, dropout_p: float) -> bool:
+    return q.device.type == "cpu" and dropout_p == 0.0 and math.isfinite(scale)
 
 
 # ------------------------------------------------------------------------ fused path
@@ -168,7 +183,8 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
     """Key parts ``[(k, v, is_causal, additive mask | None, seen | None, kind)]``.
 
     ``seen``: bool ``[B, 1, 1 | L]``, whether a query row sees any key of the part (None:
-    every row does); ``kind``: "prefix" or the slice of sequence keys the part covers.
+    every row does); ``kind``: "prefix", "joint" (prefix + all keys, non-causal) or the
+    slice of sequence keys the part covers.
     """
     B, S = k.shape[0], k.shape[2]
     k, v = _unit_last(k, dtype), _unit_last(v, dtype)
@@ -180,6 +196,15 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
             pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
         else:
             pk, pv = prefix_k[prefix_index], prefix_v[prefix_index]
+        if not causal:
+            # nothing to align: one kernel call on [prefix, keys] (a K/V copy, as SDPA users make,
+            # but a [B, 1, 1, P + S] mask row instead of a dense mask, and one lse rounding)
+            mask = None
+            if key_padding_mask is not None:
+                mask = torch.zeros(B, 1, 1, P + S, dtype=dtype, device=k.device)
+                mask[..., P:].masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+            parts.append((torch.cat([pk, k], 2), torch.cat([pv, v], 2), False, mask, None, "joint"))
+            return parts
         parts.append((pk, pv, False, None, None, "prefix"))
     if causal and S > L and (B if key_padding_mask is not None else 1) * L * S <= _DENSE_MASK_ELEMENTS:
         # bottom-right causal as one additive [B | 1, 1, L, S] mask: one part, one lse rounding
@@ -208,34 +233,53 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
     return parts
 
 
+def _like_q(q: Tensor, x: Tensor, dtype) -> Tensor:
+    """``x`` in ``dtype`` with the strides of ``torch.empty_like(q)`` (the layout the op returns):
+    ``x`` itself when it has them, else a copy."""
+    strides = torch.empty_like(q, device="meta").stride()
+    if x.stride() == strides and x.dtype == dtype:
+        return x
+    return torch.empty_like(q, dtype=dtype).copy_(x)
+
+
 def _fused_forward(q, parts, scale: float):
+    """``(out, lse)``, or None when a NaN/inf was met (then the blockwise path runs)."""
     B, Hq, L, D = q.shape
-    out_dtype, q = q.dtype, _unit_last(q, _compute_dtype(q.dtype))
+    q_in, q = q, _unit_last(q, _compute_dtype(q.dtype))
     outs, lses = [], []
     for pk, pv, is_causal, mask, seen, _ in parts:
         o, lse = _FLASH(q, pk, pv, 0.0, is_causal, attn_mask=mask, scale=scale)
         lse = lse.float()
+        # The kernel returns out 0, lse 0 for a row whose scores are all -inf *or NaN* (a NaN
+        # q row, or a part whose visible keys are all NaN): exact zeros on a row that sees
+        # keys send the call to the blockwise path (a legitimate lse of exactly 0 only costs time).
+        silent = lse == 0
         if seen is not None:
+            silent &= seen.squeeze(2)
             lse = lse.masked_fill(~seen.squeeze(2), float("-inf"))  # the kernel gives 0 there
+        if bool(silent.any()):
+            return None
         outs.append(o)
         lses.append(lse)
     if len(parts) == 1:
         # a row that sees nothing: the kernel already wrote zeros
-        return outs[0].to(out_dtype, memory_format=torch.contiguous_format), lses[0].contiguous()
-    # merge in float64 ([B, Hq, L] only): the merged lse is rounded once, and the weights sum to 1
-    l64 = [x.double() for x in lses]
-    lse = l64[0]
-    for x in l64[1:]:
-        lse = torch.logaddexp(lse, x)
-    safe = lse.masked_fill(torch.isneginf(lse), 0.0)  # rows that see nothing: weights 0, not nan
-    acc = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
-    for n, (o, x) in enumerate(zip(outs, l64)):
-        w = torch.exp(x - safe).to(acc.dtype).unsqueeze(-1)
-        if n == 0:
-            torch.mul(o, w, out=acc)
-        else:
-            acc.addcmul_(o, w)
-    return acc.to(out_dtype), lse.float().contiguous()
+        out = _like_q(q_in, outs[0], q_in.dtype)
+        return (out, lses[0].contiguous()) if _finite(out) else None
+    # merge in float64 ([B, Hq, L] only; few ops: on a shared CPU every parallel op has a fixed
+    # cost): the merged lse is rounded once, the weights softmax(lse_parts) sum to 1
+    l64 = torch.stack(lses).double()  # [parts, B, Hq, L]
+    lse = torch.logsumexp(l64, 0)
+    w = torch.softmax(l64, 0).to(q.dtype)
+    if any(p[4] is not None for p in parts):
+        w = w.nan_to_num_(0.0)  # a row that sees no part: 0/0, its output stays 0
+    # in place in the last part's output (fresh, compute dtype, q's layout when q is dense)
+    acc = _like_q(q_in, outs[-1], q.dtype)
+    acc.mul_(w[-1].unsqueeze(-1))
+    for o, wi in zip(outs[:-1], w[:-1]):
+        acc.addcmul_(o, wi.unsqueeze(-1))
+    if not _finite(acc):  # NaN/inf reached a row: the blockwise path gives the reference's pattern
+        return None
+    return acc.to(q_in.dtype), lse.float().contiguous()
 
 
 def _fused_backward(dout, q, parts, out, lse, scale: float, prefix_k, prefix_index, k_shape):
@@ -252,9 +296,13 @@ def _fused_backward(dout, q, parts, out, lse, scale: float, prefix_k, prefix_ind
             dq = gq if gq.dtype == cdt else gq.to(cdt)
         else:
             dq.add_(gq)
-        if kind == "prefix":
-            T = prefix_k.shape[0]
-            dpk, dpv = reduce_prefix_grad(gk.to(cdt), prefix_index, T), reduce_prefix_grad(gv.to(cdt), prefix_index, T)
+        if kind in ("prefix", "joint"):
+            T, P = prefix_k.shape[0], prefix_k.shape[2]
+            dpk = reduce_prefix_grad(gk[:, :, :P].to(cdt), prefix_index, T)
+            dpv = reduce_prefix_grad(gv[:, :, :P].to(cdt), prefix_index, T)
+            if kind == "joint":
+                dk_parts.append(gk[:, :, P:])
+                dv_parts.append(gv[:, :, P:])
         else:
             dk_parts.append(gk)
             dv_parts.append(gv)
@@ -265,14 +313,14 @@ def _fused_backward(dout, q, parts, out, lse, scale: float, prefix_k, prefix_ind
 
 
 # ------------------------------------------------------------------------ blockwise path
-def _blocks(B: int, Hq: int, L: int, C: int):
+def _blocks(B: int, Hq: int, L: int, C: int, causal_skip: bool):
     """(batch rows per chunk, query rows per block, key columns per block)."""
     kb = max(1, min(C, _KEY_BLOCK))
     per_q = Hq * kb
-    if L * per_q <= _BLOCK_ELEMENTS:
-        return max(1, _BLOCK_ELEMENTS // max(L * per_q, 1)), L, kb
-    qb = max(_DROP_Q, (_BLOCK_ELEMENTS // per_q) // _DROP_Q * _DROP_Q)
-    return 1, min(qb, L), kb
+    qb = L if not causal_skip else min(L, _CAUSAL_Q)
+    if qb * per_q > _BLOCK_ELEMENTS:
+        qb = min(L, max(_DROP_Q, (_BLOCK_ELEMENTS // per_q) // _DROP_Q * _DROP_Q))
+    return max(1, _BLOCK_ELEMENTS // max(qb * per_q, 1)), qb, kb
 
 
 def _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows: slice, dtype):
@@ -349,18 +397,22 @@ def _col_limit(i1: int, L: int, S: int, P: int, C: int, causal: bool, skip: bool
 
 def _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *, causal, scale, dropout_p,
                        seed, skip):
+    """Blockwise ``(out, lse)``; ``skip``: leave out key blocks past the causal diagonal."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
     C, G = P + S, Hq // Hkv
     cdt = _compute_dtype(q.dtype)
-    out = torch.empty(B, Hq, L, D, dtype=q.dtype, device=q.device)
+    out = torch.empty_like(q, memory_format=torch.preserve_format)  # the op returns q's layout
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
-    nrows, qb, kb = _blocks(B, Hq, L, C)
+    nrows, qb, kb = _blocks(B, Hq, L, C, causal and skip)
     for lo in range(0, B, nrows):
         rows = slice(lo, min(B, lo + nrows))
+        rng = range(rows.start, rows.stop)
         r = rows.stop - rows.start
         kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
+        if dropout_p > 0.0:
+            vj = vj * (1.0 / (1.0 - dropout_p))  # kept probabilities scaled by 1 / (1 - p), folded into V
         for i0 in range(0, L, qb):
             i1 = min(L, i0 + qb)
             n = i1 - i0
@@ -374,8 +426,7 @@ def _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_ma
                 p = _rows_fill_(torch.softmax(s, dim=-1), dead, G, n, 0.0)
                 del s
                 if dropout_p > 0.0:
-                    keep = _keep_block(seed, range(rows.start, rows.stop), Hq, i0, i1, 0, cmax, dropout_p, q.device)
-                    p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
+                    p.view(r, Hq, n, cmax).mul_(_keep_block(seed, rng, Hq, i0, i1, 0, cmax, C, dropout_p, q.device))
                 o = torch.matmul(p, vj[:, :, :cmax])
             else:  # online softmax over key blocks
                 m = torch.full((r, Hkv, G * n), float("-inf"), dtype=cdt, device=q.device)
@@ -386,23 +437,22 @@ def _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_ma
                     vis = _visible_block(rows, i0, i1, c0, c1, L, S, P, causal, key_padding_mask, q.device)
                     s = _masked_scores(qg, kj[:, :, c0:c1], scale, vis, G, n)
                     m_new = torch.maximum(m, s.amax(-1))
-                    m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)
+                    m_safe = m_new.masked_fill(torch.isneginf(m_new), 0.0)  # no -inf - -inf
                     alpha = torch.exp(m - m_safe)
                     p = torch.exp(s.sub_(m_safe.unsqueeze(-1)))
                     del s
                     l_sum.mul_(alpha).add_(p.sum(-1))
                     if dropout_p > 0.0:
-                        keep = _keep_block(seed, range(rows.start, rows.stop), Hq, i0, i1, c0, c1, dropout_p,
-                                           q.device)
-                        p.mul_(keep.view_as(p)).mul_(1.0 / (1.0 - dropout_p))
+                        p.view(r, Hq, n, c1 - c0).mul_(_keep_block(seed, rng, Hq, i0, i1, c0, c1, C, dropout_p,
+                                                                   q.device))
                     o.mul_(alpha.unsqueeze(-1)).add_(torch.matmul(p, vj[:, :, c0:c1]))
                     m = m_new
                 o.div_(l_sum.unsqueeze(-1))
                 m = m + torch.log(l_sum)
                 _rows_fill_(o, dead, G, n, 0.0)
             _rows_fill_(m, dead, G, n, float("-inf"))
-            out[rows, :, i0:i1] = o.view(r, Hq, n, D).to(q.dtype)
-            lse[rows, :, i0:i1] = m.view(r, Hq, n).float()
+            out[rows, :, i0:i1] = o.view(r, Hq, n, D)
+            lse[rows, :, i0:i1] = m.view(r, Hq, n)
     return out, lse
 
 
@@ -419,9 +469,14 @@ def _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_pad
     dpk_rows = torch.empty(B, Hkv, P, D, dtype=cdt, device=q.device) if P else None
     dpv_rows = torch.empty(B, Hkv, P, D, dtype=cdt, device=q.device) if P else None
     drop_scale = 1.0 / (1.0 - dropout_p)
-    nrows, qb, kb = _blocks(B, Hq, L, C)
+    # delta_i = sum_j P_ij dP_ij = dO_i . O_i (also with dropout): [n, D] work instead of [n, P + S],
+    # except in low precision, where O was rounded and the probabilities give it more exactly
+    delta_from_out = q.dtype in (torch.float32, torch.float64)
+    fold = math.isfinite(scale)  # apply the softmax scale to dQ / dK at the end, not to every dS block
+    nrows, qb, kb = _blocks(B, Hq, L, C, causal and skip)
     for lo in range(0, B, nrows):
         rows = slice(lo, min(B, lo + nrows))
+        rng = range(rows.start, rows.stop)
         r = rows.stop - rows.start
         kj, vj = _joint_kv(k, v, prefix_k, prefix_v, prefix_index, rows, cdt)
         dkj = torch.zeros_like(kj)
@@ -434,9 +489,12 @@ def _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_pad
             dead = _dead_rows(rows, i0, i1, L, S, P, causal, key_padding_mask)
             cmax = _col_limit(i1, L, S, P, C, causal, skip)
             single = cmax <= kb
-            if not single:
-                # delta_i = sum_j P_ij dP_ij = rowsum(dO * O) (also with dropout); lse from the forward
+            delta = None
+            if delta_from_out or not single:
                 delta = (dog * _group(out, rows, i0, i1, Hkv, cdt)).sum(-1, keepdim=True)
+            if dropout_p > 0.0:
+                dog = dog * drop_scale  # the 1 / (1 - p) of kept probabilities, folded into dO
+            if not single:  # lse from the forward
                 lse_b = lse[rows, :, i0:i1].to(cdt).reshape(r, Hkv, G * n)
                 lse_b = _rows_fill_(lse_b.clone(), dead, G, n, 0.0).unsqueeze(-1)
             dq_b = None
@@ -451,29 +509,33 @@ def _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_pad
                 del s
                 dp = torch.matmul(dog, vj[:, :, c0:c1].transpose(-1, -2))
                 if dropout_p > 0.0:
-                    keep = _keep_block(seed, range(rows.start, rows.stop), Hq, i0, i1, c0, c1, dropout_p, q.device)
-                    keep = keep.view_as(p).to(cdt).mul_(drop_scale)
-                    dvj[:, :, c0:c1] += torch.matmul((p * keep).transpose(-1, -2), dog)
-                    dp.mul_(keep)
+                    keep = _keep_block(seed, rng, Hq, i0, i1, c0, c1, C, dropout_p, q.device)
+                    pk = p.view(keep.shape).mul(keep).view(p.shape)
+                    dvj[:, :, c0:c1] += torch.matmul(pk.transpose(-1, -2), dog)
+                    del pk
+                    dp.view(keep.shape).mul_(keep)
                     del keep
                 else:
                     dvj[:, :, c0:c1] += torch.matmul(p.transpose(-1, -2), dog)
-                if single:
+                if delta is None:
                     # the softmax-backward row term from the probabilities themselves (as autograd does)
                     delta = (p * dp).sum(-1, keepdim=True)
-                ds = p.mul_(dp.sub_(delta)).mul_(scale)  # reuses p's storage
+                ds = p.mul_(dp.sub_(delta))  # reuses p's storage; the softmax scale comes later when finite
                 del dp
-                if not math.isfinite(scale):
-                    _rows_fill_(ds, dead, G, n, 0.0)  # 0 * nan: a row that sees nothing keeps zero gradients
+                if not fold:
+                    # 0 * nan: a row that sees nothing keeps zero gradients whatever the scale
+                    _rows_fill_(ds.mul_(scale), dead, G, n, 0.0)
                 g = torch.matmul(ds, kj[:, :, c0:c1])
                 dq_b = g if dq_b is None else dq_b.add_(g)
                 dkj[:, :, c0:c1] += torch.matmul(ds.transpose(-1, -2), qg)
                 del ds
             if dq_b is None:
                 dq_b = qg.new_zeros(qg.shape)
-            dq[rows, :, i0:i1] = dq_b.view(r, Hq, n, D).to(q.dtype)
-        dk[rows] = dkj[:, :, P:].to(k.dtype)
-        dv[rows] = dvj[:, :, P:].to(v.dtype)
+            dq[rows, :, i0:i1] = (dq_b.mul_(scale) if fold else dq_b).view(r, Hq, n, D)
+        if fold:
+            dkj.mul_(scale)
+        dk[rows] = dkj[:, :, P:]
+        dv[rows] = dvj[:, :, P:]
         if P:
             dpk_rows[rows] = dkj[:, :, :P]
             dpv_rows[rows] = dvj[:, :, :P]
@@ -487,32 +549,61 @@ def _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_pad
 # ------------------------------------------------------------------------ backend contract
 def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
                       causal: bool, scale: float, dropout_p: float, seed: int):
-    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype, contiguous), ``lse [B, Hq, L]`` float32."""
-    k, v, vis_finite = _zero_padded(k, v, key_padding_mask)
-    if _use_fused(q, prefix_k, prefix_v, vis_finite, scale, dropout_p):
-        parts = _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, q.shape[2],
-                       _compute_dtype(q.dtype))
-        return _fused_forward(q, parts, scale)
-    skip = vis_finite and _finite(q) and _finite(prefix_k) and _finite(prefix_v)
-    return _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal=causal,
-                              scale=scale, dropout_p=dropout_p, seed=seed, skip=skip)
+    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype, strides of ``empty_like(q)``), ``lse [B, Hq, L]`` float32.
+
+    Fused path first, inputs unchecked (finite inputs give a finite output with no silent
+    zero row; anything else is caught on the output); if it meets a NaN/inf: again with
+    padded keys/values zeroed, then the blockwise path.
+    """
+    cdt = _compute_dtype(q.dtype)
+    if _fused_possible(q, scale, dropout_p):
+        res = _fused_forward(q, _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal,
+                                       q.shape[2], cdt), scale)
+        if res is None and key_padding_mask is not None:
+            k0, v0, _, zeroed = _zero_padded(k, v, key_padding_mask)
+            if zeroed:
+                res = _fused_forward(q, _parts(k0, v0, prefix_k, prefix_v, prefix_index, key_padding_mask, causal,
+                                               q.shape[2], cdt), scale)
+        if res is not None:
+            return res
+    k, v, _, _ = _zero_padded(k, v, key_padding_mask)
+    # Skipping key blocks past the causal diagonal hides a NaN/inf there from the rows that
+    # cannot see it, where the reference (and the fused kernel inside a block) computes 0 * inf:
+    # a non-finite output therefore reruns without skipping (the last query row sees every key).
+    res = _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal=causal,
+                             scale=scale, dropout_p=dropout_p, seed=seed, skip=causal)
+    if causal and not _finite(res[0]):
+        res = _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal=causal,
+                                 scale=scale, dropout_p=dropout_p, seed=seed, skip=False)
+    return res
 
 
 def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *,
                        causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool = True):
-    """Backend backward: dq, dk, dv and the prefix gradients reduced per task ``[T, Hkv, P, D]``."""
+    """Backend backward: dq, dk, dv and the prefix gradients reduced per task ``[T, Hkv, P, D]``.
+
+    Fused when the forward could have been (a finite ``out``: the forward's blockwise
+    fallback leaves a NaN/inf in out, except for a false alarm on clean inputs).
+    """
     k_in = k
-    k, v, vis_finite = _zero_padded(k, v, key_padding_mask)
-    if _use_fused(q, prefix_k, prefix_v, vis_finite, scale, dropout_p):
+    out_finite = _finite(out)
+    if _fused_possible(q, scale, dropout_p) and out_finite:
+        if key_padding_mask is not None and not (_finite(k) and _finite(v)):
+            # padded keys/values holding NaN/inf (the forward zeroed them on a retry): zero them
+            # (finite values there give the same numbers as zeros, so they are left alone)
+            pad = ~key_padding_mask[:, None, :, None]
+            k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
         parts = _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, q.shape[2],
                        _compute_dtype(q.dtype))
         dq, dk, dv, dpk, dpv = _fused_backward(dout, q, parts, out, lse, scale, prefix_k, prefix_index, k_in.shape)
         if dpk is not None:
             dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
         return dq, dk.to(k_in.dtype), dv.to(k_in.dtype), dpk, dpv
-    skip = vis_finite and _finite(q) and _finite(prefix_k) and _finite(prefix_v)
+    k, v, _, _ = _zero_padded(k, v, key_padding_mask)
+    # the forward skipped causally invisible key blocks iff its output came out finite
     return _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
-                               causal=causal, scale=scale, dropout_p=dropout_p, seed=seed, skip=skip)
+                               causal=causal, scale=scale, dropout_p=dropout_p, seed=seed,
+                               skip=causal and out_finite)
 
 
 def reduce_prefix_grad(per_row: Tensor, prefix_index: Tensor, T: int) -> Tensor:

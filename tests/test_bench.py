@@ -1,5 +1,5 @@
 """Smoke tests of the benchmark machinery (softprompt_kernels.bench): measurement, baselines,
-the experimental CPU attention backend, table/JSON/PNG output, target verdicts, the runner."""
+table/JSON/PNG output, target verdicts, the runner."""
 import json
 import os
 
@@ -9,10 +9,7 @@ import torch
 from softprompt_kernels.bench import cases, e2e, micro, runner
 from softprompt_kernels.bench.measure import peak_memory, time_call
 from softprompt_kernels.bench.results import Row, table_lines, write_json, write_plot
-from softprompt_kernels.ops import prefix_attention as op
 from softprompt_kernels.ops.prefix_attention import prefix_attention
-from softprompt_kernels.reference import prefix_attention_reference
-from softprompt_kernels.testing import compare
 
 TINY_ATT = cases.AttentionCase("tiny", "tiny", 3, 4, 2, 19, 7, 16, True, padded=True)
 TINY_MLP = cases.MlpCase("tiny", "tiny", 3, 5, 24, 16, 2, 3, 8)
@@ -44,61 +41,6 @@ def test_micro_rows(backward):
     assert row.ours_s > 0 and row.baseline_s > 0 and row.ratio == pytest.approx(row.baseline_s / row.ours_s)
     rows = micro.mlp_rows(TINY_MLP, device="cpu", dtype=torch.float32, backend="torch", warmup=0, repeat=1)
     assert [r.suite for r in rows] == ["prefix_mlp fwd", "prefix_mlp fwd+bwd"]
-
-
-# (B, Hq, Hkv, L, P, D, causal, padded, prefix form); ragged sizes on purpose
-EXPERIMENTAL_CASES = [
-    (2, 4, 2, 37, 11, 64, True, False, "shared"),
-    (3, 6, 2, 29, 7, 80, True, True, "shared"),
-    (3, 4, 4, 23, 9, 96, False, True, "per-row"),
-    (4, 4, 1, 17, 5, 112, True, True, "multi-task"),
-    (2, 4, 4, 33, 0, 64, False, True, "none"),
-]
-
-
-def _experimental_case(case, dtype):
-    B, Hq, Hkv, L, P, D, causal, padded, form = case
-    g = torch.Generator().manual_seed(7)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
-
-    q, k, v = rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)
-    T = {"shared": 1, "per-row": B, "multi-task": 2, "none": 0}[form]
-    idx = {"shared": torch.zeros(B, dtype=torch.long), "per-row": torch.arange(B),
-           "multi-task": torch.tensor([1, 0, 1, 1][:B]), "none": None}[form]
-    pk, pv = (rnd(T, Hkv, P, D), rnd(T, Hkv, P, D)) if T else (None, None)
-    mask = None
-    if padded:
-        mask = torch.rand(B, L, generator=g) > 0.3
-        mask[:, -1] = True
-        if form == "none":
-            mask[1] = False  # a row that sees nothing: zeros, never NaN
-    out = prefix_attention(q, k, v, pk, pv, prefix_index=None if form in ("shared", "none") else idx,
-                           causal=causal, key_padding_mask=mask, backend="torch") if form != "shared" else \
-        prefix_attention(q, k, v, pk[0], pv[0], causal=causal, key_padding_mask=mask, backend="torch")
-    dout = torch.randn(out.shape, generator=g).to(dtype)
-    leaves = [t for t in (q, k, v, pk, pv) if t is not None]
-    got = [out, *torch.autograd.grad(out, leaves, dout)]
-
-    def ref(cast):
-        ls = [t.detach().to(cast).requires_grad_() for t in leaves]
-        pkk, pvv = (ls[3], ls[4]) if T else (None, None)
-        o, _ = prefix_attention_reference(ls[0], ls[1], ls[2], pkk, pvv, idx if T else None, mask, causal=causal)
-        return [o, *torch.autograd.grad(o, ls, dout.to(cast))]
-
-    return got, ref(dtype), ref(torch.float64)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("case", EXPERIMENTAL_CASES)
-def test_experimental_cpu_attention_meets_tolerance_rule(case, dtype, monkeypatch):
-    monkeypatch.setitem(op._BACKEND_MODULES, "torch", "softprompt_kernels.bench.cpu_attention")
-    got, plain, ref64 = _experimental_case(case, dtype)
-    assert not torch.isnan(got[0]).any()
-    for name, a, p, r in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], got, plain, ref64):
-        c = compare(name, a, p, r)
-        assert c.ok, f"{case} {dtype}: {c}"
 
 
 def _mode(mode, t, peak, error=None):
@@ -216,3 +158,24 @@ def test_vpt_token_hooks_change_the_sequence_like_vpt():
         layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1]))
     out = model(pixel_values=torch.randn(1, 3, 32, 32), output_hidden_states=False)
     assert seen == [TINY_VPT.tokens + 3] * TINY_VPT.layers and out.logits.shape == (1, 100)
+
+
+def test_floor_row_scales_the_no_prefix_floor_by_the_extra_keys():
+    c = cases.AttentionCase("tiny-causal", "tiny", 2, 4, 2, 15, 6, 16, True)
+    assert micro.floor_factor(c) == pytest.approx((6 + 8) / 8)
+    assert micro.floor_factor(cases.AttentionCase("nc", "nc", 1, 2, 2, 10, 5, 8, False)) == pytest.approx(1.5)
+    row = micro.floor_row(c, device="cpu", dtype=torch.float32, backend="torch", warmup=0, repeat=1)
+    assert row.suite == "attention floor" and row.ours_s > 0
+    assert row.baseline_s == pytest.approx(row.extra["floor_s"] * micro.floor_factor(c))
+    assert "x 1.75" in row.baseline
+
+
+def test_runner_e2e_attn_dropout_flag(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(cfg, device, **kw):
+        seen["cfg"] = cfg
+        return {}
+    monkeypatch.setattr(e2e, "run", fake_run)
+    runner.main(["--no-selfcheck", "--suite", "e2e", "--e2e-attn-dropout", "0", "--out", str(tmp_path), "--no-plot"])
+    assert seen["cfg"].attn_dropout == 0.0

@@ -10,6 +10,7 @@ from softprompt_kernels import prefix_attention
 from softprompt_kernels.ops import torch_attention as ta
 from softprompt_kernels.ops.prefix_attention import _prefix_attention_fwd, dropout_keep_mask
 from softprompt_kernels.reference import prefix_attention_reference
+from softprompt_kernels.testing import compare, sdpa_concat_baseline
 
 from test_prefix_attention_op import _check_against_reference, _make_case, _rand
 
@@ -156,3 +157,59 @@ def test_blockwise_memory_is_bounded_in_length():
     step()
     peak = peak_memory(step)
     assert peak < 120 * 2**20, f"{peak / 2**20:.0f} MiB"
+
+
+# (B, Hq, Hkv, L, P, D, causal, padded, prefix form); ragged sizes on purpose
+RAGGED_CASES = [
+    (2, 4, 2, 37, 11, 64, True, False, "shared"),
+    (3, 6, 2, 29, 7, 80, True, True, "shared"),
+    (3, 4, 4, 23, 9, 96, False, True, "per-row"),
+    (4, 4, 1, 17, 5, 112, True, True, "multi-task"),
+    (2, 4, 4, 33, 0, 64, False, True, "none"),
+]
+
+
+def _ragged_case(case, dtype):
+    B, Hq, Hkv, L, P, D, causal, padded, form = case
+    g = torch.Generator().manual_seed(7)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=g).to(dtype).requires_grad_()
+
+    q, k, v = rnd(B, Hq, L, D), rnd(B, Hkv, L, D), rnd(B, Hkv, L, D)
+    T = {"shared": 1, "per-row": B, "multi-task": 2, "none": 0}[form]
+    idx = {"shared": torch.zeros(B, dtype=torch.long), "per-row": torch.arange(B),
+           "multi-task": torch.tensor([1, 0, 1, 1][:B]), "none": None}[form]
+    pk, pv = (rnd(T, Hkv, P, D), rnd(T, Hkv, P, D)) if T else (None, None)
+    mask = None
+    if padded:
+        mask = torch.rand(B, L, generator=g) > 0.3
+        mask[:, -1] = True
+        if form == "none":
+            mask[1] = False  # a row that sees nothing: zeros, never NaN
+    out = prefix_attention(q, k, v, pk, pv, prefix_index=None if form in ("shared", "none") else idx,
+                           causal=causal, key_padding_mask=mask, backend="torch") if form != "shared" else \
+        prefix_attention(q, k, v, pk[0], pv[0], causal=causal, key_padding_mask=mask, backend="torch")
+    dout = torch.randn(out.shape, generator=g).to(dtype)
+    leaves = [t for t in (q, k, v, pk, pv) if t is not None]
+    got = [out, *torch.autograd.grad(out, leaves, dout)]
+
+    def ref(cast, fn=prefix_attention_reference):
+        ls = [t.detach().to(cast).requires_grad_() for t in leaves]
+        pkk, pvv = (ls[3], ls[4]) if T else (None, None)
+        o = fn(ls[0], ls[1], ls[2], pkk, pvv, idx if T else None, mask, causal=causal)
+        o = o[0] if isinstance(o, tuple) else o
+        return [o, *torch.autograd.grad(o, ls, dout.to(cast))]
+
+    return got, ref(dtype), ref(dtype, sdpa_concat_baseline), ref(torch.float64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", RAGGED_CASES)
+def test_fused_path_ragged_cases_meet_tolerance_rule(case, dtype):
+    """Ragged L / P, D = 80 / 96 / 112, GQA, every prefix form (formerly the bench's experimental backend)."""
+    got, plain, sdpa, ref64 = _ragged_case(case, dtype)
+    assert not torch.isnan(got[0]).any()
+    for name, a, p, sd, r in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], got, plain, sdpa, ref64):
+        c = compare(name, a, [p, sd], r)
+        assert c.ok, f"{case} {dtype}: {c}"

@@ -55,7 +55,6 @@ class E2EConfig:
     attn_dropout: float = 0.1      # GPT-2's default attn_pdrop (resid/embd dropout stay at 0.1 too)
     varlen: bool = False           # right-padded batch, lengths in [L/2, L]
     backend: str = "torch"         # apply(..., backend=)
-    cpu_attention: str = "library"  # "library" | "experimental": softprompt_kernels.bench.cpu_attention
     modes: tuple = MODES
     threads: int = 0               # torch.set_num_threads (0: leave torch's default)
 
@@ -153,13 +152,6 @@ def configure(model, mode: str, cfg: E2EConfig) -> None:
         _set_ckpt(model, True)
 
 
-def use_experimental_cpu_attention() -> None:
-    """Route the op layer's "torch" backend to ``softprompt_kernels.bench.cpu_attention`` (bench only)."""
-    from ..ops import prefix_attention as op
-
-    op._BACKEND_MODULES["torch"] = "softprompt_kernels.bench.cpu_attention"
-
-
 def train_step(model, batch, opt) -> float:
     out = model(**batch)
     out.loss.backward()
@@ -201,8 +193,6 @@ def worker(cfg: E2EConfig, device: str, profile_dir: Optional[str] = None, progr
     _quiet()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.cpu_attention == "experimental":
-        use_experimental_cpu_attention()
     model, batch, opt = build(cfg, device)
     results = {m: ModeResult(m) for m in cfg.modes}
     live = []

@@ -36,11 +36,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--e2e-steps", type=int, default=None, help="timed training steps per mode (median)")
     p.add_argument("--e2e-varlen", action="store_true", help="end-to-end step on a right-padded batch")
+    p.add_argument("--e2e-attn-dropout", type=float, default=None,
+                   help="end-to-end attention dropout (default: GPT-2's 0.1); 0 measures the fused CPU path")
     p.add_argument("--isolated", action="store_true", help="re-measure end-to-end memory in a fresh process per mode "
                    "(default with --full)")
     p.add_argument("--profile", action="store_true", help="write torch.profiler tables of one step per mode to --out")
-    p.add_argument("--cpu-attention", choices=("library", "experimental"), default="library",
-                   help="experimental: route the CPU (torch) attention backend to softprompt_kernels.bench.cpu_attention")
     p.add_argument("--backend", default="auto", help="backend for our ops (auto: triton on CUDA, torch on CPU)")
     p.add_argument("--dtype", default=None, choices=("float32", "float16", "bfloat16"),
                    help="microbenchmark dtype (default float32 on CPU, bfloat16 on CUDA)")
@@ -130,17 +130,17 @@ def main(argv: Optional[list] = None) -> int:
 
         rc = selfcheck.main([])
         print()
-    if args.cpu_attention == "experimental":
-        e2e.use_experimental_cpu_attention()
 
     att = cases_mod.attention_cases(args.full, device) if "attention" in suites else []
     mlp = cases_mod.mlp_cases(args.full, device) if "mlp" in suites else []
     cfg = None
     if "e2e" in suites:
-        cfg = replace(e2e.FULL if args.full else e2e.QUICK, backend=backend, cpu_attention=args.cpu_attention,
+        cfg = replace(e2e.FULL if args.full else e2e.QUICK, backend=backend,
                       varlen=args.e2e_varlen)
         if args.e2e_steps:
             cfg = replace(cfg, steps=args.e2e_steps)
+        if args.e2e_attn_dropout is not None:
+            cfg = replace(cfg, attn_dropout=args.e2e_attn_dropout)
     e2e_units = 0 if cfg is None else len(cfg.modes) * (cfg.warmup + cfg.steps)
     rows: list[Row] = []
     from tqdm import tqdm
@@ -153,6 +153,9 @@ def main(argv: Optional[list] = None) -> int:
             bar.set_postfix_str(f"attention {c.name}")
             rows += micro.attention_rows(c, device=device, dtype=dtype, backend=backend,
                                          warmup=args.warmup, repeat=repeat)
+            if device == "cpu" and c.causal and not c.padded and not c.dropout:
+                rows.append(micro.floor_row(c, device=device, dtype=dtype, backend=backend,
+                                            warmup=args.warmup, repeat=repeat))
             if device == "cuda":
                 rows += micro.gpu_baseline_rows(c, device=device, dtype=dtype, backend=backend,
                                                 warmup=args.warmup, repeat=repeat)
@@ -200,7 +203,7 @@ def main(argv: Optional[list] = None) -> int:
 
         vpt.write_plot(os.path.join(args.out, "vpt.png"), vpt_rows)
     meta = {"full": args.full, "suites": suites, "repeat": repeat, "backend": backend,
-            "dtype": str(dtype), "cpu_attention": args.cpu_attention,
+            "dtype": str(dtype),
             "e2e_config": None if cfg is None else {**asdict(cfg), "modes": list(cfg.modes)},
             "targets": target_lines(rows), "flex": reason}
     try:

@@ -137,26 +137,26 @@ def test_out_follows_q_layout_and_fake_agrees(layout):
     torch.library.opcheck(_prefix_attention_fwd, args)
 
 
-def test_blockwise_memory_is_bounded_in_length():
-    """Dropout (blockwise path), L = S = 6144, non-causal: one row's [L, S] score block alone is 144 MiB
-    in float32 (the former path held several); the blockwise path keeps ~_BLOCK_ELEMENTS (8 MiB) per
-    temporary (measured 39-111 MiB of resident-set peak at L = 2048-8192: allocator noise, not growth)."""
-    import os
+@pytest.mark.parametrize("causal", [False, True])
+def test_blockwise_memory_is_bounded_in_length(causal, monkeypatch):
+    """Dropout (blockwise path), L = S = 3000: one row's [L, S] score block would have 9M elements;
+    no score-sized product (every temporary of the path is one) exceeds _BLOCK_ELEMENTS (2M).
+    Counted on torch.matmul outputs: resident-set peaks are allocator noise at this size."""
+    sizes = []
+    real = torch.matmul
 
-    from softprompt_kernels.bench.measure import peak_memory
+    def counting(a, b, *args, **kw):
+        out = real(a, b, *args, **kw)
+        sizes.append(out.numel())
+        return out
 
-    if not os.path.exists("/proc/self/clear_refs"):
-        pytest.skip("no /proc/self/clear_refs: CPU peak memory is not measured here")
-    L, D = 6144, 16
+    monkeypatch.setattr(torch, "matmul", counting)
+    L, D = 3000, 16
     q, k, v = _rand(1, 1, L, D), _rand(1, 1, L, D), _rand(1, 1, L, D)
-
-    def step():
-        out = prefix_attention(q, k, v, dropout_p=0.1, backend="torch")
-        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
-
-    step()
-    peak = peak_memory(step)
-    assert peak < 120 * 2**20, f"{peak / 2**20:.0f} MiB"
+    out = prefix_attention(q, k, v, dropout_p=0.1, causal=causal, backend="torch")
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert sizes and max(sizes) <= ta._BLOCK_ELEMENTS < L * L, (max(sizes), ta._BLOCK_ELEMENTS)
+    assert len(sizes) > 10  # several blocks, not one [L, S] product
 
 
 # (B, Hq, Hkv, L, P, D, causal, padded, prefix form); ragged sizes on purpose

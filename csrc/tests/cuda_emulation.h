@@ -4,7 +4,11 @@
 // A block's threads are cooperative fibers (ucontext) on one OS thread, scheduled round
 // robin; __syncthreads / __syncwarp are barriers over the live threads of the block / warp,
 // __shfl_xor_sync exchanges through a per-warp slot array between two warp barriers.
-// Blocks run one after another.  This checks indexing, masking, the math and barrier
+// Blocks run one after another, in grid, reversed or random order (SPK_EMU_ORDER).  Tensor-core primitives (csrc/tc_primitives.cuh): mma.sync and
+// ldmatrix are warp collectives over warp_exchange (PTX ISA fragment layouts), cp.async is
+// queued per thread and performed at cp.async.wait_group (16-byte alignment asserted; a failed
+// check is reported by cudaGetLastError).  Shared memory is poisoned with 0xff bytes (NaN in
+// float32, float16 and bfloat16).  This checks indexing, masking, the math and barrier
 // placement (a read of shared memory before the writing threads reached the barrier reads
 // stale data here too, since fibers only switch at barriers); it cannot show
 // GPU-specific issues (memory model, bank conflicts, timing).
@@ -12,7 +16,9 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
+#include <random>
 #include <cstddef>
 #include <cmath>
 #include <cstdint>
@@ -251,6 +257,24 @@ inline cudaError_t& last_error() {
 // Storage type of dynamic shared memory: 16-byte aligned (vector<float> data is malloc-aligned).
 static_assert(alignof(std::max_align_t) >= 16, "emulated shared memory must be 16-byte aligned");
 
+// Schedule of a launch, from the environment: SPK_EMU_ORDER = "forward" (default: blocks in grid
+// order, fibers resumed in thread order), "reverse" (both reversed) or "shuffle" (blocks in a random
+// order, fibers in a new random order at every scheduler pass; seed SPK_EMU_SEED).  Correct kernels
+// give the same result under every order; a race between threads or blocks may not.
+struct Order {
+  enum Kind { kForward, kReverse, kShuffle } kind = kForward;
+  uint64_t seed = 0;
+};
+inline Order schedule_order() {
+  Order o;
+  const char* k = std::getenv("SPK_EMU_ORDER");
+  if (k != nullptr && std::strcmp(k, "reverse") == 0) o.kind = Order::kReverse;
+  if (k != nullptr && std::strcmp(k, "shuffle") == 0) o.kind = Order::kShuffle;
+  const char* seed = std::getenv("SPK_EMU_SEED");
+  if (seed != nullptr) o.seed = std::strtoull(seed, nullptr, 10);
+  return o;
+}
+
 template <class Kernel, class... Args>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... args) {
   if (block.y != 1 || block.z != 1 || block.x == 0 || block.x > 1024) {
@@ -269,10 +293,19 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
   s.xchg.assign((size_t)((block.x + 31) / 32) * 2 * 32 * kXchgWords, 0);
   BlockState* saved = state();
   state() = &s;
+  const Order order = schedule_order();
+  std::mt19937_64 rng(order.seed);
+  std::vector<dim3> blocks;  // run order of the blocks
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        s.block_idx = dim3(bx, by, bz);
+      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.push_back(dim3(bx, by, bz));
+  if (order.kind == Order::kReverse) std::reverse(blocks.begin(), blocks.end());
+  if (order.kind == Order::kShuffle) std::shuffle(blocks.begin(), blocks.end(), rng);
+  std::vector<unsigned> fiber_order(block.x);  // order in which the scheduler resumes fibers
+  for (unsigned t = 0; t < block.x; ++t) fiber_order[t] = order.kind == Order::kReverse ? block.x - 1 - t : t;
+  for (const dim3& blk : blocks) {
+        const unsigned bx = blk.x, by = blk.y, bz = blk.z;
+        s.block_idx = blk;
         // poison shared memory with all-ones bytes: NaN as float32, float16 and bfloat16 alike
         s.smem.resize(smem_bytes / sizeof(float) + 1);
         std::memset(s.smem.data(), 0xff, s.smem.size() * sizeof(float));
@@ -296,7 +329,9 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
         unsigned live = block.x;
         while (live > 0) {
           bool progressed = false;
-          for (auto& f : s.fibers) {
+          if (order.kind == Order::kShuffle) std::shuffle(fiber_order.begin(), fiber_order.end(), rng);
+          for (unsigned t : fiber_order) {
+            Fiber& f = s.fibers[t];
             if (f.done) continue;
             if (f.waiting != nullptr && f.waiting->gen == f.wait_gen) continue;  // still blocked
             f.waiting = nullptr;
@@ -310,7 +345,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
             std::abort();
           }
         }
-      }
+  }
   state() = saved;
 }
 

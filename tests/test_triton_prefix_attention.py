@@ -459,8 +459,9 @@ def test_aot_specs_cover_every_launch_choice():
             arch = int(arch[2:])
             assert s.archs == (arch,)
             c = s.constexprs
+            table = tfwd.FWD_MASKED_TILES if c["HAS_MASK"] or c["DROPOUT"] else tfwd.FWD_TILES
             assert (c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages) == \
-                tfwd.FWD_TILES[arch][(tfwd.family(dt_of[dt]), int(bd))]
+                table[arch][(tfwd.family(dt_of[dt]), int(bd))]
     # every 16-bit GEMM kernel must get wgmma on sm_90 except the d=256 dK/dV one, whose 32-key
     # tiles (needed for zero spills) are below wgmma's 64-row minimum
     for s in specs:
@@ -469,9 +470,12 @@ def test_aot_specs_cover_every_launch_choice():
 
 
 def test_forward_tile_tables():
-    """sm_90 16-bit tiles are at least 128 x 64 up to D = 128; the interpreter gets small tiles."""
+    """sm_90 16-bit tiles are at least 128 x 64 up to D = 128; padding-mask / dropout launches take
+    the masked table; the interpreter gets small tiles."""
     for bd in (32, 64, 128):
         bm, bn, w, st = tfwd.FWD_TILES[90][("16", bd)]
         assert bm >= 128 and bn >= 64, bd
+        assert tfwd.fwd_config(torch.float16, bd, 90) == (bm, bn, w, st)
+        assert tfwd.fwd_config(torch.float16, bd, 90, masked=True) == tfwd.FWD_MASKED_TILES[90][("16", bd)]
     assert tfwd.fwd_config(torch.bfloat16, 128, None) == tfwd.CPU_TILES["16"]
     assert tfwd.device_arch("cpu") is None

@@ -324,7 +324,9 @@ def block_d_for(D: int) -> int:
 
 # Forward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per (arch, dtype family, BLOCK_D), chosen
 # at launch from the device's compute capability.  Every entry is AOT-compiled for its arch (specs)
-# and must have zero spills there under triton 3.9 and 3.6.  "cpu": the interpreter (small, fast).
+# and must have zero spills there under triton 3.9 and 3.6.  Launches with a key padding mask or
+# dropout (every sequence block masked; Philox per score) take FWD_MASKED_TILES: the large tiles
+# spill there.  "cpu": the interpreter (small, fast).
 FWD_TILES = {
     90: {
         ("16", 32): (128, 128, 8, 2),
@@ -337,13 +339,35 @@ FWD_TILES = {
         ("32", 256): (16, 32, 8, 1),
     },
     80: {
-        ("16", 32): (128, 64, 4, 2),
-        ("16", 64): (128, 64, 4, 2),
+        ("16", 32): (128, 64, 8, 2),
+        ("16", 64): (128, 64, 8, 2),
         ("16", 128): (128, 32, 8, 2),
         ("16", 256): (64, 32, 8, 2),
         ("32", 32): (32, 32, 4, 2),
         ("32", 64): (32, 16, 4, 1),
         ("32", 128): (32, 32, 8, 1),
+        ("32", 256): (16, 32, 8, 1),
+    },
+}
+FWD_MASKED_TILES = {
+    90: {
+        ("16", 32): (128, 32, 8, 2),
+        ("16", 64): (128, 64, 8, 2),
+        ("16", 128): (128, 32, 8, 2),
+        ("16", 256): (64, 16, 8, 1),
+        ("32", 32): (32, 32, 4, 2),
+        ("32", 64): (32, 16, 4, 1),
+        ("32", 128): (32, 16, 8, 1),
+        ("32", 256): (16, 16, 8, 1),
+    },
+    80: {
+        ("16", 32): (128, 32, 4, 2),
+        ("16", 64): (128, 32, 8, 2),
+        ("16", 128): (64, 32, 4, 2),
+        ("16", 256): (64, 32, 8, 2),
+        ("32", 32): (32, 32, 4, 2),
+        ("32", 64): (32, 16, 4, 1),
+        ("32", 128): (32, 16, 8, 1),
         ("32", 256): (16, 32, 8, 1),
     },
 }
@@ -372,13 +396,14 @@ def device_arch(device) -> Optional[int]:
     return 90 if major in (9, 10) else 80
 
 
-def fwd_config(dtype: torch.dtype, block_d: int, arch: Optional[int] = 90):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses on ``arch`` (None: interpreter)."""
+def fwd_config(dtype: torch.dtype, block_d: int, arch: Optional[int] = 90, masked: bool = False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses on ``arch`` (None: interpreter);
+    ``masked``: the launch has a key padding mask or dropout."""
     if "fwd" in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE["fwd"]
     if arch is None:
         return CPU_TILES[family(dtype)]
-    return FWD_TILES[arch][(family(dtype), block_d)]
+    return (FWD_MASKED_TILES if masked else FWD_TILES)[arch][(family(dtype), block_d)]
 
 
 def make_signature(fn, types: dict, default: str = "i32", skip=()) -> dict:
@@ -400,17 +425,22 @@ def unit_strides(fn, names=UNIT_STRIDES) -> dict:
     return {n: 1 for n in names if n in params}
 
 
-# AOT variants of the forward's feature constexprs: "plain" (prefix, nothing else: the unmasked
-# loops the static targets are about) and "full" (every optional feature on, ragged D, no prefix so
-# the padded-row tracking is in: the most registers).
+# AOT variants of the forward's feature constexprs: "plain" (a prefix, nothing optional: the
+# unmasked loops the static targets are about) and "causal" (+ causal, ragged D) on FWD_TILES;
+# "full" (causal, padding mask, dropout, ragged D, no prefix so the padded-row tracking is in: the
+# most registers) on FWD_MASKED_TILES.
 FWD_VARIANTS = {
     "plain": dict(CAUSAL=False, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=True, EVEN_D=True, NEG_SCALE=False),
+    "causal": dict(CAUSAL=True, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=True, EVEN_D=False, NEG_SCALE=False),
     "full": dict(CAUSAL=True, HAS_MASK=True, DROPOUT=True, HAS_PREFIX=False, EVEN_D=False, NEG_SCALE=False),
 }
 
 
-def fwd_specs() -> list[KernelSpec]:
-    """One spec per (arch, dtype, BLOCK_D, variant); archs = the arch whose table ships the tile."""
+def fwd_specs(tiles=None, masked_tiles=None) -> list[KernelSpec]:
+    """One spec per (dtype, BLOCK_D, arch, variant); archs = the arch whose table ships the tile.
+    ``tiles`` / ``masked_tiles`` replace FWD_TILES / FWD_MASKED_TILES (tile searches)."""
+    tiles = FWD_TILES if tiles is None else tiles
+    masked_tiles = FWD_MASKED_TILES if masked_tiles is None else masked_tiles
     specs = []
     for dtype, tname in _TL_DTYPES.items():
         p = "*" + tname
@@ -421,8 +451,11 @@ def fwd_specs() -> list[KernelSpec]:
         strides = tuple(n for n in sig if n.startswith("s_"))
         for bd in BLOCK_DS:
             for arch in ARCHS:
-                bm, bn, w, st = FWD_TILES[arch][(family(dtype), bd)]
                 for var, flags in FWD_VARIANTS.items():
+                    table = masked_tiles if flags["DROPOUT"] or flags["HAS_MASK"] else tiles
+                    if arch not in table or (family(dtype), bd) not in table[arch]:
+                        continue
+                    bm, bn, w, st = table[arch][(family(dtype), bd)]
                     specs.append(KernelSpec(
                         name=f"prefix_attn_fwd[d={bd},{tname},sm{arch},{var}]", fn=_attn_fwd, signature=sig,
                         constexprs={"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, "IEEE": dtype == torch.float32,
@@ -515,7 +548,8 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     else:
         kpm, ms = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
     bd = block_d_for(D)
-    bm, bn, w, st = fwd_config(q.dtype, bd, device_arch(q.device))
+    bm, bn, w, st = fwd_config(q.dtype, bd, device_arch(q.device),
+                               masked=key_padding_mask is not None or float(dropout_p) > 0.0)
     grid = (triton.cdiv(L, bm), B * Hq)
     dropout_p = float(dropout_p)
     _attn_fwd[grid](

@@ -158,7 +158,7 @@ def loop_stats(sass_text: str, kernel_name: Optional[str] = None, *, num_warps: 
             "start": instrs[i][0], "end": instrs[j][0], "instructions": n_instr,
             "mma": dict(shapes), "mma_flops": flops,
             "scores_per_iter": scores,
-            "instr_per_score": None if not scores else round(n_instr * num_warps * 32 / scores, 2),
+            "instr_per_score": None if not scores else n_instr * num_warps * 32 / scores,
             "ops": dict(fam.most_common()),
         })
     return out

@@ -145,11 +145,12 @@ def compile_results(archs=(90, 80), jobs: Optional[int] = None, cache_dir: Optio
 LOOP_SECTION = "main-loop instructions per score element (sm_90 SASS)"
 
 
-def loop_rows(compiled: list[dict], arch: int = 90) -> list[dict]:
-    """One row per main loop of every compiled ``arch`` result that has ``extra["loops"]``."""
+def loop_rows(compiled: list[dict], arch: int = 90, name_prefix: str = "prefix_attn") -> list[dict]:
+    """One row per main loop of every compiled ``arch`` attention kernel (name starting with
+    ``name_prefix``: their loops run over score tiles) that has ``extra["loops"]``."""
     rows = []
     for r in compiled:
-        if r.get("error") or r.get("arch") != arch:
+        if r.get("error") or r.get("arch") != arch or not r["name"].startswith(name_prefix):
             continue
         for i, lp in enumerate((r.get("extra") or {}).get("loops") or []):
             rows.append({"name": r["name"], "loop": i, "instructions": lp["instructions"],

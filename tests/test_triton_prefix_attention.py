@@ -438,6 +438,11 @@ def test_launch_flags_pick_the_specialisation():
         CAUSAL=False, HAS_MASK=True, DROPOUT=True, HAS_PREFIX=True, EVEN_D=True, NEG_SCALE=True)
     assert set(tfwd.FWD_VARIANTS["plain"]) == set(f(D=64, block_d=64, P=1, causal=False, has_mask=False,
                                                      dropout_p=0.0, scale=1.0))
+    # tile table: the main one only without a padding mask, dropout or a ragged head dim
+    base = dict(D=64, block_d=64, P=1, causal=True, has_mask=False, dropout_p=0.0, scale=1.0)
+    assert not tfwd.masked_launch(f(**base))
+    for change in (dict(D=48), dict(has_mask=True), dict(dropout_p=0.1)):
+        assert tfwd.masked_launch(f(**{**base, **change})), change
 
 
 # ----------------------------------------------------------------------------- specs
@@ -459,7 +464,7 @@ def test_aot_specs_cover_every_launch_choice():
             arch = int(arch[2:])
             assert s.archs == (arch,)
             c = s.constexprs
-            table = tfwd.FWD_MASKED_TILES if c["HAS_MASK"] or c["DROPOUT"] else tfwd.FWD_TILES
+            table = tfwd.FWD_MASKED_TILES if tfwd.masked_launch(c) else tfwd.FWD_TILES
             assert (c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages) == \
                 table[arch][(tfwd.family(dt_of[dt]), int(bd))]
     # every 16-bit GEMM kernel must get wgmma on sm_90 except the d=256 dK/dV one, whose 32-key

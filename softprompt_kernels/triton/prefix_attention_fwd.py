@@ -324,9 +324,9 @@ def block_d_for(D: int) -> int:
 
 # Forward tiles (BLOCK_M, BLOCK_N, num_warps, num_stages) per (arch, dtype family, BLOCK_D), chosen
 # at launch from the device's compute capability.  Every entry is AOT-compiled for its arch (specs)
-# and must have zero spills there under triton 3.9 and 3.6.  Launches with a key padding mask or
-# dropout (every sequence block masked; Philox per score) take FWD_MASKED_TILES: the large tiles
-# spill there.  "cpu": the interpreter (small, fast).
+# and must have zero spills there under triton 3.9 and 3.6.  Launches with a key padding mask,
+# dropout (Philox per score) or a ragged head dim (D < BLOCK_D: masked loads) take
+# FWD_MASKED_TILES: the large tiles spill there.  "cpu": the interpreter (small, fast).
 FWD_TILES = {
     90: {
         ("16", 32): (128, 128, 8, 2),
@@ -352,7 +352,7 @@ FWD_TILES = {
 FWD_MASKED_TILES = {
     90: {
         ("16", 32): (128, 32, 8, 2),
-        ("16", 64): (128, 64, 8, 2),
+        ("16", 64): (128, 32, 8, 2),
         ("16", 128): (128, 32, 8, 2),
         ("16", 256): (64, 16, 8, 1),
         ("32", 32): (32, 32, 4, 2),
@@ -363,7 +363,7 @@ FWD_MASKED_TILES = {
     80: {
         ("16", 32): (128, 32, 4, 2),
         ("16", 64): (128, 32, 8, 2),
-        ("16", 128): (64, 32, 4, 2),
+        ("16", 128): (64, 32, 8, 2),
         ("16", 256): (64, 32, 8, 2),
         ("32", 32): (32, 32, 4, 2),
         ("32", 64): (32, 16, 4, 1),
@@ -398,7 +398,7 @@ def device_arch(device) -> Optional[int]:
 
 def fwd_config(dtype: torch.dtype, block_d: int, arch: Optional[int] = 90, masked: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) the launcher uses on ``arch`` (None: interpreter);
-    ``masked``: the launch has a key padding mask or dropout."""
+    ``masked``: the launch has a key padding mask, dropout or a ragged head dim (``masked_launch``)."""
     if "fwd" in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE["fwd"]
     if arch is None:
@@ -426,14 +426,19 @@ def unit_strides(fn, names=UNIT_STRIDES) -> dict:
 
 
 # AOT variants of the forward's feature constexprs: "plain" (a prefix, nothing optional: the
-# unmasked loops the static targets are about) and "causal" (+ causal, ragged D) on FWD_TILES;
+# unmasked loops the static targets are about) and "causal" (+ causal) on FWD_TILES;
 # "full" (causal, padding mask, dropout, ragged D, no prefix so the padded-row tracking is in: the
 # most registers) on FWD_MASKED_TILES.
 FWD_VARIANTS = {
     "plain": dict(CAUSAL=False, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=True, EVEN_D=True, NEG_SCALE=False),
-    "causal": dict(CAUSAL=True, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=True, EVEN_D=False, NEG_SCALE=False),
+    "causal": dict(CAUSAL=True, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=True, EVEN_D=True, NEG_SCALE=False),
     "full": dict(CAUSAL=True, HAS_MASK=True, DROPOUT=True, HAS_PREFIX=False, EVEN_D=False, NEG_SCALE=False),
 }
+
+
+def masked_launch(flags: dict) -> bool:
+    """A launch takes FWD_MASKED_TILES when it has a padding mask, dropout or a ragged head dim."""
+    return bool(flags["HAS_MASK"] or flags["DROPOUT"] or not flags["EVEN_D"])
 
 
 def fwd_specs(tiles=None, masked_tiles=None) -> list[KernelSpec]:
@@ -452,7 +457,7 @@ def fwd_specs(tiles=None, masked_tiles=None) -> list[KernelSpec]:
         for bd in BLOCK_DS:
             for arch in ARCHS:
                 for var, flags in FWD_VARIANTS.items():
-                    table = masked_tiles if flags["DROPOUT"] or flags["HAS_MASK"] else tiles
+                    table = masked_tiles if masked_launch(flags) else tiles
                     if arch not in table or (family(dtype), bd) not in table[arch]:
                         continue
                     bm, bn, w, st = table[arch][(family(dtype), bd)]
@@ -548,8 +553,9 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     else:
         kpm, ms = key_padding_mask.view(torch.uint8), key_padding_mask.stride()
     bd = block_d_for(D)
-    bm, bn, w, st = fwd_config(q.dtype, bd, device_arch(q.device),
-                               masked=key_padding_mask is not None or float(dropout_p) > 0.0)
+    flags = fwd_flags(D=D, block_d=bd, P=P, causal=causal, has_mask=key_padding_mask is not None,
+                      dropout_p=dropout_p, scale=scale)
+    bm, bn, w, st = fwd_config(q.dtype, bd, device_arch(q.device), masked=masked_launch(flags))
     grid = (triton.cdiv(L, bm), B * Hq)
     dropout_p = float(dropout_p)
     _attn_fwd[grid](
@@ -558,8 +564,7 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
         Hq, L, S, P, T, D, Hq // Hkv,
         float(scale), dropout_p, int(seed),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=q.dtype == torch.float32,
-        **fwd_flags(D=D, block_d=bd, P=P, causal=causal, has_mask=key_padding_mask is not None,
-                    dropout_p=dropout_p, scale=scale),
+        **flags,
         num_warps=w, num_stages=st)
     return out, lse
 

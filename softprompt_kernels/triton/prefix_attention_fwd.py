@@ -1,10 +1,13 @@
 """Triton prefix attention: forward kernel, dropout keep-mask kernel and their launchers.
 
-Layouts (any strides): q [B, Hq, L, D]; k, v [B, Hkv, S, D]; prefix_k, prefix_v [T, Hkv, P, D]
-read through prefix_index [B] (no batch stride); key_padding_mask bool [B, S].
-Outputs: out [B, Hq, L, D] (q.dtype, contiguous), lse [B, Hq, L] float32 (natural log).
-One online softmax runs first over the P prefix columns, then over the S sequence columns
-(causal bottom-right aligned: column j visible for row i iff j <= i + S - L).
+Layouts (any strides, element units, no copies): q [B, Hq, L, D]; k, v [B, Hkv, S, D]; prefix_k,
+prefix_v [T, Hkv, P, D] read through prefix_index [B] (no batch stride; clamped to [0, T) in the
+kernel); key_padding_mask bool [B, S].  Outputs: out [B, Hq, L, D] (q.dtype; contiguous unless the
+caller passes ``out``), lse [B, Hq, L] float32 contiguous (natural log, -inf for a row that sees
+nothing, NaN / +inf where a visible score is).  One online softmax runs first over the P prefix
+columns, then over the S sequence columns (causal bottom-right aligned: column j visible for row i
+iff j <= i + S - L); blocks every row of the tile sees run with no mask arithmetic.
+Static loop figures: ``python -m softprompt_kernels.triton.aot`` (``extra["loops"]``, sass_stats).
 """
 from __future__ import annotations
 

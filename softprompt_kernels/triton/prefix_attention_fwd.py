@@ -19,6 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.layout import empty_output
 from .kernel_spec import KernelSpec
 
 # The Triton interpreter multiplies bf16 tiles as their raw uint16 storage (triton 3.9), so under
@@ -535,12 +536,13 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     """Returns (out [B, Hq, L, D] q.dtype, lse [B, Hq, L] float32 contiguous, natural log).
 
     Any input strides (no copies).  ``out``: an optional [B, Hq, L, D] q.dtype tensor written
-    through its strides; by default a new contiguous one."""
+    through its strides; by default a [B, Hq, L, D] view of new [B, L, Hq, D] storage
+    (``ops.layout.empty_output``: the layout the op returns, so it is never copied)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)
     if out is None:
-        out = torch.empty((B, Hq, L, D), dtype=q.dtype, device=q.device)
+        out = empty_output(q)
     if B == 0 or Hq == 0 or L == 0:
         return out, lse
     P = 0 if prefix_k is None else prefix_k.shape[2]

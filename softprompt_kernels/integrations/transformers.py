@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention import check_prefix_index_range, prefix_attention
 from . import _compat
 
 PREFIX_KWARG = "softprompt_prefix"
@@ -51,10 +51,7 @@ class PrefixState:
         if index is not None and not index_checked and index.numel() and not torch.compiler.is_compiling():
             # checked once per state (one host read), not once per layer: attention calls then
             # skip the op's host-side check (it still clamps and asserts on device)
-            T = kv.shape[2]
-            lo, hi = int(index.min()), int(index.max())
-            if lo < 0 or hi >= T:
-                raise ValueError(f"prefix index values must be in [0, T={T}), got values in [{lo}, {hi}]")
+            check_prefix_index_range(index, kv.shape[2])
         self.kv = kv
         self.index = index
         self.backend = backend

@@ -126,15 +126,19 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, d
         if T == 0 and B > 0:
             raise ValueError(f"prefix_k has T=0 tasks but prefix_index has B={B} rows: no task to index")
         if check_prefix_index and not torch.compiler.is_compiling() and B > 0 and prefix_index.device.type != "meta":
-            # Eager: an exact check with the offending value (one host sync on CUDA, cheap: [B]).
-            bad = (prefix_index < 0) | (prefix_index >= T)
-            if bool(bad.any()):
-                b = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"prefix_index values must be in [0, T={T}) (T = prefix_k.shape[0]); "
-                    f"got prefix_index[{b}] = {int(prefix_index[b])} "
-                    f"(values in [{int(prefix_index.min())}, {int(prefix_index.max())}])"
-                )
+            check_prefix_index_range(prefix_index, T)
+
+
+def check_prefix_index_range(prefix_index: Tensor, T: int) -> None:
+    """ValueError naming the first ``prefix_index`` value outside ``[0, T)`` (one host sync on CUDA, cheap: [B])."""
+    bad = (prefix_index < 0) | (prefix_index >= T)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"prefix_index values must be in [0, T={T}) (T = prefix_k.shape[0]); "
+            f"got prefix_index[{b}] = {int(prefix_index[b])} "
+            f"(values in [{int(prefix_index.min())}, {int(prefix_index.max())}])"
+        )
 
 
 def _normalise_prefix(q, prefix_k, prefix_v, prefix_index, check_prefix_index=True):

@@ -35,13 +35,21 @@ def _cuda_extension_kwargs() -> dict:
             "SOFTPROMPT_KERNELS_BUILD_CUDA=1 needs a CUDA build of torch "
             f"(found {torch.__version__}) and the CUDA toolkit (nvcc; set CUDA_HOME)"
         )
+    import sys
+
+    sys.path.insert(0, str(ROOT))
+    from softprompt_kernels.cuda._build import CUTLASS_HINT, tensor_core_build_flags
+
+    tc_inc, tc_flags = tensor_core_build_flags()  # CuTe headers (nvidia-cutlass) -> tensor-core kernels
+    if not tc_flags:
+        print(f"warning: {CUTLASS_HINT}", file=sys.stderr)
     csrc = ROOT / "csrc"
     sources = ["csrc/binding.cpp"] + sorted(f"csrc/{p.name}" for p in csrc.glob("*.cu"))
     ext = CUDAExtension(
         name="softprompt_kernels._cuda_ops",
         sources=sources,
-        include_dirs=[str(csrc)],
-        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
+        include_dirs=[str(csrc)] + tc_inc,
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"] + tc_flags},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

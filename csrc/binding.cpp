@@ -3,7 +3,8 @@
 // except where noted) and calls the launchers of the .cu files.
 //
 //   attn_fwd(q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, causal, scale, dropout_p, seed)
-//       -> (out [B,Hq,L,D], lse [B,Hq,L] float32)
+//       -> (out [B,Hq,L,D], lse [B,Hq,L] float32); tensor-core kernel where choose_fwd_path allows it
+//   last_fwd_path() -> int   FwdPath (launchers.h) of the last attn_fwd on this thread
 //   attn_bwd(dout, q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, out, lse,
 //            causal, scale, dropout_p, seed, deterministic) -> (dq, dk, dv, dprefix_k, dprefix_v)
 //       dropout: keep decision spk::dropout_keep(seed, b, h, i, c) (prefix_attention_common.cuh).
@@ -19,6 +20,8 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -149,6 +152,16 @@ PrefixAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
   return p;
 }
 
+// Path of the last forward on this thread (FwdPath code), for softprompt_kernels.cuda.last_path().
+thread_local int g_last_fwd_path = 0;
+int64_t last_fwd_path() { return g_last_fwd_path; }
+
+// SOFTPROMPT_KERNELS_CUDA_FWD=simt forces the SIMT forward (A/B comparisons); anything else: auto.
+bool tensor_cores_allowed() {
+  const char* env = std::getenv("SOFTPROMPT_KERNELS_CUDA_FWD");
+  return env == nullptr || std::strcmp(env, "simt") != 0;
+}
+
 std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tensor& v,
                                     const std::optional<Tensor>& prefix_k, const std::optional<Tensor>& prefix_v,
                                     const std::optional<Tensor>& prefix_index,
@@ -163,8 +176,11 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
   p.out = out.data_ptr(); p.lse = lse.data_ptr<float>();
   p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sl = out.stride(2); p.o_sd = out.stride(3);
   p.lse_sb = lse.stride(0); p.lse_sh = lse.stride(1); p.lse_sl = lse.stride(2);
-  if (out.numel() > 0)
-    check_cuda(launch_prefix_attn_fwd(p, dtype_of(q), current_stream()), "attn_fwd");
+  if (out.numel() > 0) {
+    FwdPath path = FwdPath::kNone;
+    check_cuda(launch_prefix_attn_fwd(p, dtype_of(q), current_stream(), tensor_cores_allowed(), &path), "attn_fwd");
+    g_last_fwd_path = (int)path;
+  }
   return {out, lse};
 }
 
@@ -339,11 +355,14 @@ SPK_TORCH_LIBRARY(SPK_NS, m) {
   m.def("attn_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor? prefix_k, Tensor? prefix_v, "
         "Tensor? prefix_index, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "
         "float dropout_p, int seed, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("last_fwd_path() -> int");
   m.def("mlp_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int num_layers, int num_kv_heads, "
         "int head_dim, int act) -> (Tensor, Tensor)");
   m.def("mlp_bwd(Tensor dout, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor pre, bool has_b2, int num_layers, "
         "int num_kv_heads, int head_dim, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
+
+SPK_TORCH_LIBRARY_IMPL(SPK_NS, CompositeExplicitAutograd, m) { m.impl("last_fwd_path", &spk::last_fwd_path); }
 
 SPK_TORCH_LIBRARY_IMPL(SPK_NS, SPK_DISPATCH_KEY, m) {
   m.impl("attn_fwd", &spk::attn_fwd);

@@ -10,5 +10,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 #define SPK_DYNAMIC_SMEM(name) extern __shared__ float name[]
+#define SPK_DYNAMIC_SMEM_BYTES(name) extern __shared__ __align__(128) unsigned char name[]
 #define SPK_LAUNCH(kernel, grid, block, smem, stream, ...) kernel<<<grid, block, smem, stream>>>(__VA_ARGS__)
 #endif

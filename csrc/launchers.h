@@ -21,8 +21,28 @@ inline int head_dim_bucket(int D) {
   return D <= 32 ? 32 : D <= 64 ? 64 : D <= 128 ? 128 : D <= 256 ? 256 : 0;
 }
 
-// Forward: writes p.out and p.lse.
-cudaError_t launch_prefix_attn_fwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream);
+// Kernel family a forward call ran on (binding.cpp records it; Python: softprompt_kernels.cuda.last_path()).
+enum class FwdPath : int {
+  kNone = 0,          // no forward has run
+  kTensorCore = 1,    // prefix_attention_fwd_tc.cu (mma.sync / ldmatrix / cp.async)
+  kSimtDtype = 2,     // SIMT: float32 inputs
+  kSimtHeadDim = 3,   // SIMT: D > 128 or D % 8 != 0
+  kSimtLayout = 4,    // SIMT: a last stride != 1, or a pointer / row stride not 16-byte aligned
+  kSimtArch = 5,      // SIMT: device below sm_80
+  kSimtNotBuilt = 6,  // SIMT: built without the CuTe headers (pip install nvidia-cutlass)
+  kSimtForced = 7,    // SIMT: SOFTPROMPT_KERNELS_CUDA_FWD=simt
+  kSimtScale = 8,     // SIMT: scale <= 0 or not finite
+};
+
+// Which forward kernel supports p (kTensorCore, or the reason for the SIMT fallback).
+FwdPath choose_fwd_path(const PrefixAttnParams& p, DType dt);
+
+// Forward: writes p.out and p.lse; the tensor-core kernel when allow_tc and choose_fwd_path says so,
+// else the SIMT kernel.  *path (optional) gets the path taken.
+cudaError_t launch_prefix_attn_fwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream, bool allow_tc = true,
+                                   FwdPath* path = nullptr);
+// The tensor-core forward alone (float16 / bfloat16, D <= 128, D % 8 == 0, see choose_fwd_path).
+cudaError_t launch_prefix_attn_fwd_tc(const PrefixAttnParams& p, DType dt, cudaStream_t stream);
 
 // Backward.  Needs p.delta (float32 [B,Hq,L] scratch, same strides as lse).  Writes dq, dk, dv and,
 // when P > 0, the float32 buffers dpk/dpv: per-row partials [B,Hkv,P,D] (p.deterministic) or

@@ -138,7 +138,11 @@ static cudaError_t dispatch_fwd(const PrefixAttnParams& p, cudaStream_t stream) 
   }
 }
 
-cudaError_t launch_prefix_attn_fwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream) {
+cudaError_t launch_prefix_attn_fwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream, bool allow_tc,
+                                   FwdPath* path) {
+  const FwdPath chosen = allow_tc ? choose_fwd_path(p, dt) : FwdPath::kSimtForced;
+  if (path != nullptr) *path = chosen;
+  if (chosen == FwdPath::kTensorCore) return launch_prefix_attn_fwd_tc(p, dt, stream);
   switch (dt) {
     case DType::kFloat32: return dispatch_fwd<float>(p, stream);
     case DType::kFloat16: return dispatch_fwd<__half>(p, stream);

@@ -1,10 +1,13 @@
 """``softprompt-kernels report``: static GPU report, produced without a GPU.
 
-Two parts:
+Three parts:
 1. every shipped Triton kernel configuration compiled ahead of time for sm_90 and sm_80
    (``softprompt_kernels.triton.aot`` in a subprocess): registers, spills, shared memory,
    theoretical occupancy, wgmma;
-2. for canonical prefix-tuning shapes, analytic FLOPs and minimum bytes moved by
+2. main-loop instructions per score element from the sm_90 SASS of those compiles
+   (``softprompt_kernels.triton.sass_stats``): per main loop, its SASS instructions x warps x 32
+   / score elements per iteration, and the wgmma shapes — a static count, not a timing;
+3. for canonical prefix-tuning shapes, analytic FLOPs and minimum bytes moved by
    ``prefix_attention`` forward and forward+backward, and the H100 SXM roofline floor
    (989 TFLOP/s dense bf16, 3.35 TB/s).  The floor is a lower bound computed from those two
    numbers, NOT a measurement; nothing here was run on a GPU.
@@ -139,6 +142,42 @@ def compile_results(archs=(90, 80), jobs: Optional[int] = None, cache_dir: Optio
     return results
 
 
+LOOP_SECTION = "main-loop instructions per score element (sm_90 SASS)"
+
+
+def loop_rows(compiled: list[dict], arch: int = 90, name_prefix: str = "prefix_attn") -> list[dict]:
+    """One row per main loop of every compiled ``arch`` attention kernel (name starting with
+    ``name_prefix``: their loops run over score tiles) that has ``extra["loops"]``."""
+    rows = []
+    for r in compiled:
+        if r.get("error") or r.get("arch") != arch or not r["name"].startswith(name_prefix):
+            continue
+        for i, lp in enumerate((r.get("extra") or {}).get("loops") or []):
+            rows.append({"name": r["name"], "loop": i, "instructions": lp["instructions"],
+                         "num_warps": r["num_warps"], "num_stages": r["num_stages"],
+                         "scores_per_iter": lp["scores_per_iter"], "instr_per_score": lp["instr_per_score"],
+                         "mma": lp["mma"], "regs": r["regs"], "spills": r["spills"]})
+    return rows
+
+
+def format_loops(rows: list[dict]) -> str:
+    head = ("name", "loop", "instr", "warps", "stages", "scores/iter", "instr/score", "mma shapes", "regs", "spills")
+    out = []
+    for r in rows:
+        ips = "-" if r["instr_per_score"] is None else f"{r['instr_per_score']:.1f}"
+        sc = "-" if r["scores_per_iter"] is None else f"{r['scores_per_iter']:.0f}"
+        mma = " ".join(f"{k}x{v}" for k, v in r["mma"].items())
+        out.append((r["name"], str(r["loop"]), str(r["instructions"]), str(r["num_warps"]), str(r["num_stages"]),
+                    sc, ips, mma, str(r["regs"]), "yes" if r["spills"] else "none"))
+    w = [max(len(h), *(len(o[i]) for o in out)) if out else len(h) for i, h in enumerate(head)]
+    fmt = lambda cells: "  ".join(c.ljust(n) for c, n in zip(cells, w)).rstrip()  # noqa: E731
+    lines = ["instr/score = loop SASS instructions x warps x 32 / score elements per iteration (BLOCK_M x BLOCK_N); "
+             "loops in address order (forward: prefix, prefix tail, sequence, masked sequence); static count, "
+             "no GPU used. Triton's fused-attention tutorial forward: ~7-8.",
+             fmt(head), fmt(["-" * n for n in w])]
+    return "\n".join(lines + [fmt(o) for o in out])
+
+
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog="softprompt-kernels report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="also write the report as JSON")
@@ -165,13 +204,18 @@ def main(argv: Optional[list] = None) -> int:
               f"triton {compiled[0]['triton_version'] if compiled else '?'}; "
               "compile_s = seconds the compile took on this host (no GPU involved).\n")
         rc = 1 if errors else 0
+        if 90 in args.arch:
+            print(f"== {LOOP_SECTION} ==")
+            print(format_loops(loop_rows(compiled, 90)))
+            print()
     rows = analytic_rows()
     print("== analytic FLOPs / minimum bytes per canonical shape ==")
     print(format_analytic(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"note": f"static report; no GPU was used; h100_floor_us is a {FLOOR_LABEL}",
-                       "hardware_for_floor": H100_SXM, "compiled": compiled, "analytic": rows}, f, indent=1)
+                       "hardware_for_floor": H100_SXM, "compiled": compiled,
+                       "main_loops_sm90": loop_rows(compiled, 90), "analytic": rows}, f, indent=1)
     return rc
 
 

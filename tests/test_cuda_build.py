@@ -4,7 +4,10 @@
   object files, all shipped template instantiations); no kernel may spill or use a stack
   frame; registers per kernel are reported (``pytest -s`` prints the table);
 * ``csrc/binding.cpp`` compiles against torch's headers with torch's extension flags;
-* a missing toolchain gives a clear error; ``setup.py`` builds nothing unless asked.
+* a missing toolchain gives a clear error; ``setup.py`` builds nothing unless asked;
+* the tensor-core forward (``prefix_attention_fwd_tc.cu``, built with the CuTe headers of
+  ``nvidia-cutlass``): its SASS for sm_80 and sm_90a has HMMA, LDSM and LDGSTS and no local
+  memory traffic (LDL/STL); registers, shared memory and HMMA per main-loop iteration are printed.
 
 Skipped with a reason when nvcc (or g++) is not installed.
 """
@@ -46,9 +49,18 @@ def _cuda_include() -> Path | None:
     return None
 
 
-def _compile_cu(src: Path, arch: str, out_dir: Path) -> tuple[str, str, int]:
+def _tc_flags() -> list[str]:
+    from softprompt_kernels.cuda._build import tensor_core_build_flags
+
+    inc, flags = tensor_core_build_flags()
+    return [f"-I{p}" for p in inc] + flags
+
+
+def _compile_cu(src: Path, arch: str, out_dir: Path, extra: list[str] | None = None) -> tuple[str, str, int]:
     obj = out_dir / f"{src.stem}.{arch}.o"
-    cmd = [NVCC, "-std=c++17", "-O3", "-c", "-gencode", ARCHS[arch], "-Xptxas", "-v", f"-I{CSRC}", str(src), "-o", str(obj)]
+    extra = _tc_flags() if extra is None else extra
+    cmd = [NVCC, "-std=c++17", "-O3", "-c", "-gencode", ARCHS[arch], "-Xptxas", "-v", f"-I{CSRC}", *extra, str(src),
+           "-o", str(obj)]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     return arch, proc.stdout + proc.stderr, proc.returncode
 
@@ -80,7 +92,7 @@ def parse_ptxas(log: str) -> dict[tuple[str, str], dict]:
 
 
 def _pretty(mangled: str) -> str:
-    m = re.match(r"_ZN3spk\d+(\w+?)I(.*)E(?:E)?vN?S?", mangled)
+    m = re.match(r"_ZN3spk(?:2tc)?\d+(\w+?)I(.*)E(?:E)?vN?S?", mangled)
     if not m:
         return mangled
     name, targs = m.group(1), m.group(2)
@@ -89,8 +101,18 @@ def _pretty(mangled: str) -> str:
         rest = targs[len(next((k for k in DTYPES if targs.startswith(k)), "")):]
         dt += "->" + next((v for k, v in DTYPES.items() if rest.startswith(k)), dt)
     d = re.search(r"Li(\d+)E", targs)
-    stats = ", stats" if "Lb1E" in targs else ""
+    stats = (", dropout" if name.endswith("_tc_kernel") else ", stats") if "Lb1E" in targs else ""
     return f"{name}<{dt}{', D=' + d.group(1) if d else ''}{stats}>"
+
+
+@pytest.fixture(scope="module")
+def cu_objects(ptxas_report):
+    """{(source stem, arch): object file} of the ptxas_report build."""
+    return ptxas_report.objects
+
+
+class _Report(dict):
+    objects: dict
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +125,8 @@ def ptxas_report(tmp_path_factory):
     jobs = [(src, arch) for src in sources for arch in ARCHS]
     with ThreadPoolExecutor(max_workers=2) as pool:
         results = list(pool.map(lambda job: (job[0],) + _compile_cu(job[0], job[1], out_dir), jobs))
-    report: dict[tuple[str, str], dict] = {}
+    report = _Report()
+    report.objects = {(src.stem, arch): out_dir / f"{src.stem}.{arch}.o" for src, arch in jobs}
     for src, arch, log, rc in results:
         assert rc == 0, f"nvcc failed on {src.name} for {arch}:\n{log[-4000:]}"
         entries = parse_ptxas(log)
@@ -201,3 +224,115 @@ def test_setup_py_builds_nothing_unless_asked(tmp_path):
                               capture_output=True, text=True, timeout=120)
         assert proc.returncode != 0
         assert "CUDA build of torch" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-core forward: SASS gate and static figures
+TC_STEM = "prefix_attention_fwd_tc"
+TC_DTYPES = {"6__half": "float16", "13__nv_bfloat16": "bfloat16"}
+TC_DIMS = (64, 128)
+TC_BM = TC_BN = 64
+_SASS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def _cuobjdump() -> str | None:
+    try:
+        from softprompt_kernels.triton.aot import find_cuobjdump
+
+        return find_cuobjdump()
+    except Exception:
+        return shutil.which("cuobjdump")
+
+
+def sass_functions(obj: Path) -> dict[str, list[tuple[int, str, str]]]:
+    """{kernel: [(address, opcode, operands)]} of an object file (cuobjdump -sass)."""
+    text = subprocess.run([_cuobjdump(), "-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    funcs: dict[str, list] = {}
+    cur = None
+    for line in text.splitlines():
+        m = re.search(r"Function : (\S+)", line)
+        if m:
+            cur = funcs.setdefault(m.group(1), [])
+            continue
+        m = _SASS.search(line)
+        if m and cur is not None:
+            cur.append((int(m.group(1), 16), m.group(2), m.group(3)))
+    return funcs
+
+
+def main_loop(instrs: list[tuple[int, str, str]]) -> list[str]:
+    """Opcodes of the backward-branch loop holding the most HMMA (the key-tile loop)."""
+    best: list[str] = []
+    for addr, op, args in instrs:
+        m = re.match(r"\s*0x([0-9a-f]+)", args)
+        if op == "BRA" and m and int(m.group(1), 16) < addr:
+            body = [o for a, o, _ in instrs if int(m.group(1), 16) <= a <= addr]
+            if sum(o.startswith("HMMA") for o in body) > sum(o.startswith("HMMA") for o in best):
+                best = body
+    return best
+
+
+@needs_nvcc
+def test_tensor_core_forward_sass(ptxas_report, cu_objects):
+    from softprompt_kernels.cuda._build import CUTLASS_HINT
+
+    if not _tc_flags():
+        pytest.skip(CUTLASS_HINT)
+    if _cuobjdump() is None:
+        pytest.skip("cuobjdump not found (ships in the triton wheel)")
+    lines = [f"{'tensor-core kernel':44s} {'arch':6s} regs smem_B HMMA/iter LDSM/iter LDGSTS/iter instr/iter "
+             "instr/score"]
+    for arch in ARCHS:
+        funcs = sass_functions(cu_objects[(TC_STEM, arch)])
+        for dt, dname in TC_DTYPES.items():
+            for d in TC_DIMS:
+                for drop in (0, 1):
+                    name = next((k for k in funcs if f"prefix_attn_fwd_tc_kernelI{dt}Li{d}ELb{drop}E" in k), None)
+                    assert name is not None, f"missing tensor-core kernel {dname} D={d} dropout={drop} for {arch}"
+                    ops = [o for _, o, _ in funcs[name]]
+                    label = f"{dname} D={d}{' dropout' if drop else ''} {arch}"
+                    assert any(o.startswith("HMMA.16816.F32") for o in ops), f"no HMMA.16816 in {label}"
+                    assert any(o.startswith("LDSM.16.M88.4") for o in ops), f"no LDSM in {label}"
+                    assert any(o.startswith("LDSM.16.MT88.4") for o in ops), f"no LDSM .trans in {label}"
+                    assert any(o.startswith("LDGSTS") for o in ops), f"no LDGSTS (cp.async) in {label}"
+                    local = sorted({o for o in ops if o.startswith(("LDL", "STL"))})
+                    assert not local, f"local-memory traffic {local} in {label}"
+                    loop = main_loop(funcs[name])
+                    hmma = sum(o.startswith("HMMA") for o in loop)
+                    # S = Q K^T: (BN/8)(D/16) mma per warp, O += P V: (BN/16)(D/8): D per 64-key tile
+                    assert hmma == d, f"{label}: {hmma} HMMA in the key-tile loop, expected {d}"
+                    ldsm = sum(o.startswith("LDSM") for o in loop)
+                    assert ldsm == d // 16 * (1 + TC_BN // 16) + TC_BN // 16 * d // 16, f"{label}: {ldsm} LDSM"
+                    smem = 2 * (TC_BM * d + 4 * TC_BN * d)  # Q + 2 stages of K and V, 16-bit
+                    per_score = len(loop) * 128 / (TC_BM * TC_BN)
+                    lines.append(f"{label:44s} {'':6s} {ptxas_report[(name, arch)]['regs']:4d} {smem:6d} "
+                                 f"{hmma:9d} {ldsm:9d} {sum(o.startswith('LDGSTS') for o in loop):11d} "
+                                 f"{len(loop):10d} {per_score:11.2f}")
+    print("\n" + "\n".join(lines))
+
+
+@needs_nvcc
+def test_tensor_core_file_builds_without_cute(tmp_path):
+    """Without the CuTe headers the tensor-core kernels compile to empty bodies (never launched:
+    choose_fwd_path returns kSimtNotBuilt) and the rest of the backend still builds."""
+    arch, log, rc = _compile_cu(CSRC / f"{TC_STEM}.cu", "sm_80", tmp_path, extra=[])
+    assert rc == 0, log[-4000:]
+    if _cuobjdump() is not None:
+        funcs = sass_functions(tmp_path / f"{TC_STEM}.sm_80.o")
+        assert funcs and not any(o.startswith("HMMA") for f in funcs.values() for _, o, _ in f)
+
+
+def test_cutlass_headers_are_located(monkeypatch, tmp_path):
+    from softprompt_kernels.cuda import _build
+
+    monkeypatch.setenv("SOFTPROMPT_KERNELS_CUTLASS_INCLUDE", str(tmp_path))  # no cute/ there
+    assert _build.cutlass_include_dir() is None and _build.tensor_core_build_flags() == ([], [])
+    (tmp_path / "cute" / "arch").mkdir(parents=True)
+    (tmp_path / "cute" / "arch" / "mma_sm80.hpp").write_text("")
+    assert _build.cutlass_include_dir() == tmp_path
+    assert _build.tensor_core_build_flags() == ([str(tmp_path)], ["-DSPK_WITH_CUTE"])
+    monkeypatch.delenv("SOFTPROMPT_KERNELS_CUTLASS_INCLUDE")
+    import importlib.util
+
+    if importlib.util.find_spec("cutlass_library") is not None:  # installed by the test extra
+        assert _build.cutlass_include_dir() is not None

@@ -154,3 +154,34 @@ def test_prefix_mlp_matches_reference(dtype, act, bias):
             assert grads[i] is None, name
         else:
             assert_close(f"mlp {name}", grads[i], glp[i], g64[i])
+
+
+# tensor-core forward (csrc/prefix_attention_fwd_tc.cu): the same ragged cases as the emulation
+_TC_CASES = [
+    Case(2, 4, 2, 70, 131, 67, 64, causal=True, mask=True, form="multi"),
+    Case(1, 2, 1, 130, 130, 3, 128, causal=True, mask=False, layout="blhd"),
+    Case(2, 2, 2, 65, 65, 0, 128, causal=False, mask=True, form="none", empty_row=True),
+    Case(1, 3, 3, 1, 77, 64, 96, causal=True, mask=True, form="per_row"),
+    Case(2, 8, 2, 1000, 1000, 100, 128, causal=True, mask=True, form="shared"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", _TC_CASES, ids=str)
+@pytest.mark.parametrize("dropout_p", [0.0, 0.17])
+def test_tensor_core_forward_matches_reference(case, dtype, dropout_p):
+    from softprompt_kernels.cuda import last_path
+
+    if _build.cutlass_include_dir() is None:
+        pytest.skip(_build.CUTLASS_HINT)
+    cap = torch.cuda.get_device_capability()
+    want = "tensor_core" if cap[0] >= 8 else "simt: GPU below sm_80"
+
+    def fwd(*args):
+        out = _fwd(*args)
+        assert last_path() == want, last_path()
+        return out
+
+    check_attention(fwd, _bwd_factory(), case, dtype, "cuda", seed=7, dropout_p=dropout_p,
+                    keep_mask=cuda_attn.dropout_keep_mask if dropout_p else None)
+    torch.cuda.synchronize()

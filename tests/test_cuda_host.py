@@ -192,3 +192,116 @@ def test_emulated_binding_rejects_bad_input(emu):
         emu.attn_fwd(inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"].int(), None, False, 0.1, 0.0, 0)
     with pytest.raises(RuntimeError, match="dropout_p"):
         emu.attn_fwd(inp["q"], inp["k"], inp["v"], None, None, None, None, False, 0.1, 1.0, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor-core forward (csrc/prefix_attention_fwd_tc.cu) under the emulation: mma.sync, ldmatrix
+# and cp.async are the emulated warp collectives of csrc/tc_primitives.cuh.
+TC_PRIMS = ROOT / "csrc" / "tests" / "tc_emulation_test.cpp"
+PATH_TC, PATH_SIMT_DTYPE, PATH_SIMT_HEAD_DIM, PATH_SIMT_LAYOUT, PATH_SIMT_FORCED, PATH_SIMT_SCALE = 1, 2, 3, 4, 7, 8
+
+
+def test_emulated_tc_primitives_follow_ptx_isa(tmp_path):
+    """mma.m16n8k16 / ldmatrix(.trans) fragments vs the PTX ISA formulas, the forward kernel's
+    ldmatrix addressing, cp.async deferral / zero-fill / 16-byte alignment checks."""
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler (g++)")
+    exe = tmp_path / "tc_emulation_test"
+    _build_and_run([cxx, "-std=c++20", "-O1", "-Wall", "-Werror", "-DSPK_EMULATION", f"-I{ROOT / 'csrc'}",
+                    str(TC_PRIMS), "-o", str(exe)], exe)
+
+
+def _tc_fns(E, want_path):
+    fwd, bwd = _fns(E)
+
+    def fwd_checked(*args):
+        out = fwd(*args)
+        assert E.last_fwd_path() == want_path, f"forward ran path {E.last_fwd_path()}, expected {want_path}"
+        return out
+
+    return fwd_checked, bwd
+
+
+# ragged: L, S, P not multiples of the 64 x 64 tile; several query and key tiles
+TC_CASES = [
+    Case(2, 4, 2, 70, 131, 67, 64, causal=True, mask=True, form="multi"),
+    Case(1, 2, 1, 130, 130, 3, 128, causal=True, mask=False, layout="blhd"),
+    Case(2, 2, 2, 65, 65, 0, 128, causal=False, mask=True, form="none", empty_row=True),
+    Case(1, 3, 3, 1, 77, 64, 96, causal=True, mask=True, form="per_row"),
+    Case(2, 2, 1, 40, 100, 9, 40, causal=False, mask=False, form="shared"),
+]
+_TC_PARAMS = [(c, torch.bfloat16) for c in TC_CASES] + [(TC_CASES[0], torch.float16), (TC_CASES[1], torch.float16)]
+
+
+@pytest.mark.parametrize("case,dtype", _TC_PARAMS, ids=lambda x: str(x))
+def test_emulated_tc_forward_matches_reference(emu, case, dtype):
+    fwd, bwd = _tc_fns(emu, PATH_TC)
+    check_attention(fwd, bwd, case, dtype, "cpu", seed=len(str(case)) + 1)
+
+
+@pytest.mark.parametrize("case", [TC_CASES[0], TC_CASES[3]], ids=str)
+def test_emulated_tc_dropout_matches_reference(emu, case):
+    from softprompt_kernels.cuda.prefix_attention import dropout_keep_mask
+
+    fwd, bwd = _tc_fns(emu, PATH_TC)
+    check_attention(fwd, bwd, case, torch.bfloat16, "cpu", seed=5, dropout_p=0.17, keep_mask=dropout_keep_mask)
+
+
+def test_emulated_simt_forced_matches_reference(emu, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_KERNELS_CUDA_FWD", "simt")
+    fwd, bwd = _tc_fns(emu, PATH_SIMT_FORCED)
+    check_attention(fwd, bwd, TC_CASES[0], torch.bfloat16, "cpu", seed=2)
+
+
+def test_emulated_fwd_path_selection(emu):
+    """The tensor-core kernel runs exactly where it is supported; the rest falls back to SIMT."""
+    g = torch.Generator().manual_seed(0)
+
+    def run(q, k=None, v=None, scale=0.125):
+        k = q if k is None else k
+        v = q if v is None else v
+        emu.attn_fwd(q, k, v, None, None, None, None, False, scale, 0.0, 0)
+        return emu.last_fwd_path()
+
+    x = torch.randn(1, 2, 9, 64, generator=g)
+    assert run(x.bfloat16()) == PATH_TC and run(x.half()) == PATH_TC
+    assert run(x) == PATH_SIMT_DTYPE
+    assert run(torch.randn(1, 2, 9, 100, generator=g).bfloat16()) == PATH_SIMT_HEAD_DIM
+    assert run(torch.randn(1, 2, 9, 136, generator=g).bfloat16()) == PATH_SIMT_HEAD_DIM
+    xt = torch.randn(1, 2, 64, 9, generator=g).bfloat16().transpose(2, 3)  # last stride 9
+    assert run(xt) == PATH_SIMT_LAYOUT
+    flat = torch.randn(1 + 2 * 9 * 64, generator=g).bfloat16()
+    assert run(flat[1:].view(1, 2, 9, 64)) == PATH_SIMT_LAYOUT  # 2-byte misaligned base pointer
+    assert run(x.bfloat16(), scale=-0.125) == PATH_SIMT_SCALE
+
+
+@pytest.mark.parametrize("order", ["reverse", "shuffle"])
+def test_emulated_schedule_order_does_not_change_results(emu, monkeypatch, order):
+    """Blocks in reversed / random order and fibers resumed in reversed / random order (a new
+    permutation at every scheduler pass): forward (tensor-core and SIMT) and backward give the
+    same bits as the grid-order schedule, and meet the reference."""
+    case = TC_CASES[0]
+    inp = make_inputs(case, torch.bfloat16, "cpu", seed=11)
+    args = (inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"], inp["kpm"], case.causal, case.D ** -0.5)
+
+    def run():
+        outs = []
+        for fwd_path in ("auto", "simt"):
+            monkeypatch.setenv("SOFTPROMPT_KERNELS_CUDA_FWD", fwd_path)
+            out, lse = emu.attn_fwd(*args, 0.1, 9)
+            outs += [out, lse]
+        grads = emu.attn_bwd(inp["dout"], *args[:7], outs[0], outs[1], case.causal, case.D ** -0.5, 0.1, 9, True)
+        return outs + list(grads)
+
+    monkeypatch.setenv("SPK_EMU_ORDER", "forward")
+    base = run()
+    monkeypatch.setenv("SPK_EMU_ORDER", order)
+    monkeypatch.setenv("SPK_EMU_SEED", "12345")
+    again = run()
+    for i, (a, b) in enumerate(zip(base, again)):
+        assert torch.equal(a.view(torch.int16) if a.dtype == torch.bfloat16 else a.view(torch.int32),
+                           b.view(torch.int16) if b.dtype == torch.bfloat16 else b.view(torch.int32)), i
+    monkeypatch.delenv("SOFTPROMPT_KERNELS_CUDA_FWD")
+    fwd, bwd = _tc_fns(emu, PATH_TC)
+    check_attention(fwd, bwd, case, torch.bfloat16, "cpu", seed=13)

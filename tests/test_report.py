@@ -79,7 +79,13 @@ FAKE = [
          kernel="k", num_warps=4, num_stages=3, expect_wgmma=True, regs=168, stack_bytes=0, local_bytes=0,
          spills=False, shared_static=0, shared_dynamic=49152, shared_bytes=49152, blocks_per_sm=3, warps_per_sm=12,
          occupancy_pct=18.8, occupancy_limiter="registers", wgmma=arch == 90, compile_s=1.5,
-         triton_version="3.9.0", error=None, extra={})
+         triton_version="3.9.0", error=None,
+         extra={"loops": [{"start": 0x1a60, "end": 0x2f50, "instructions": 467, "mma": {"m64n128k16": 4, "m64n64k16": 8},
+                           "mma_flops": 2 ** 22, "scores_per_iter": 8192, "instr_per_score": 467 * 4 * 32 / 8192,
+                           "ops": {"FFMA": 66}},
+                          {"start": 0x3000, "end": 0x4000, "instructions": 670, "mma": {"m64n128k16": 4},
+                           "mma_flops": 2 ** 22, "scores_per_iter": 8192, "instr_per_score": 670 * 4 * 32 / 8192,
+                           "ops": {"FSEL": 64}}]} if arch == 90 else {})
     for arch in (90, 80)
 ]
 
@@ -127,3 +133,19 @@ def test_report_exit_status_on_compile_error(monkeypatch, capsys):
 def test_report_no_compile(monkeypatch, capsys):
     rc, out, calls = _run(monkeypatch, capsys, ["--no-compile"])
     assert rc == 0 and calls == [] and "roofline floor, not a measurement" in out
+
+
+def test_report_main_loop_section(monkeypatch, capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    rc, out, _ = _run(monkeypatch, capsys, ["--json", str(out_json)])
+    assert rc == 0
+    assert "== main-loop instructions per score element (sm_90 SASS) ==" in out
+    sec = out[out.index("main-loop instructions per score element (sm_90 SASS) =="):out.index("== analytic")]
+    rows = [ln for ln in sec.splitlines() if ln.startswith("prefix_attn_fwd[d=64,bf16]")]
+    assert len(rows) == 2                                   # one per loop, sm_90 only
+    assert rows[0].split()[1:4] == ["0", "467", "4"] and "7.3" in rows[0].split() and "m64n128k16x4" in rows[0]
+    assert "10.5" in rows[1].split()
+    data = json.loads(out_json.read_text())
+    assert [r["instructions"] for r in data["main_loops_sm90"]] == [467, 670]
+    rc, out, _ = _run(monkeypatch, capsys, ["--arch", "80"])
+    assert "main-loop instructions" not in out

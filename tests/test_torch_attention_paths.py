@@ -1,5 +1,5 @@
 """The PyTorch CPU backend's two paths (softprompt_kernels/ops/torch_attention.py): the fused path on
-ATen's flash kernel (split / dense-mask / joint parts, NaN detection on the output, q's layout) and the
+ATen's flash kernel (split / dense-mask / joint parts, NaN detection on the output, the op's out layout) and the
 blockwise path (forced here; small block constants exercise query blocks, the online softmax over key
 blocks and dropout tiles), all against the float64 reference under the DESIGN §4 rule."""
 import numpy as np
@@ -8,6 +8,7 @@ import torch
 
 from softprompt_kernels import prefix_attention
 from softprompt_kernels.ops import torch_attention as ta
+from softprompt_kernels.ops.layout import empty_output
 from softprompt_kernels.ops.prefix_attention import _prefix_attention_fwd, dropout_keep_mask
 from softprompt_kernels.reference import prefix_attention_reference
 from softprompt_kernels.testing import compare, sdpa_concat_baseline
@@ -121,16 +122,20 @@ def test_fused_nan_rows_the_kernel_zeroes_come_out_nan():
 
 
 @pytest.mark.parametrize("layout", ["contig", "blhd"])
-def test_out_follows_q_layout_and_fake_agrees(layout):
-    """Out has the strides of empty_like(q) (a [B, L, H, D] transposed q gives a transposed out, so that
-    transformers' transpose(1, 2).contiguous() is free), on every path and in the fake."""
+def test_out_in_the_op_layout_on_every_path_and_fake_agrees(layout):
+    """The backend itself returns out with the strides of ops.layout.empty_output ([B, L, H, D] storage,
+    so the op layer's conform makes no copy and transformers' transpose(1, 2).contiguous() is free), on
+    every path (joint, split, blockwise with dropout), whatever q's layout; the fake agrees."""
     B, H, L, D = 2, 3, 5, 16
     q = torch.randn(B, L, H, D).transpose(1, 2) if layout == "blhd" else torch.randn(B, H, L, D)
     k, v = torch.randn(B, H, 7, D), torch.randn(B, H, 7, D)
     pk, pv = torch.randn(1, H, 3, D), torch.randn(1, H, 3, D)
     idx = torch.zeros(B, dtype=torch.long)
-    want = torch.empty_like(q).stride()
+    want = empty_output(q).stride()
     for causal, dropout in ((False, 0.0), (True, 0.0), (True, 0.2)):
+        out, _ = ta.attention_forward(q, k, v, pk, pv, idx, None, causal=causal, scale=0.25,
+                                      dropout_p=dropout, seed=3)
+        assert out.stride() == want, (causal, dropout, out.stride())
         out = prefix_attention(q, k, v, pk[0], pv[0], causal=causal, dropout_p=dropout, backend="torch")
         assert out.stride() == want, (causal, dropout, out.stride())
     args = (q.requires_grad_(), k, v, pk, pv, idx, None, None, True, 0.25, 0.0, True, "torch")

@@ -119,7 +119,7 @@ def check_case(c, *, dropout_p=0.0, seed=0):
         mask = tpa.dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], P, k.shape[2], dropout_p, q.device)
     o64, l64, g64 = reference_run(c, torch.float64, dropout_p=dropout_p, dropout_mask=mask)
     olp, llp, glp = reference_run(c, dropout_p=dropout_p, dropout_mask=mask)
-    assert out.shape == c["q"].shape and out.dtype == c["q"].dtype and out.is_contiguous()
+    assert out.shape == c["q"].shape and out.dtype == c["q"].dtype and out.transpose(1, 2).is_contiguous()  # ops.layout.empty_output
     assert lse.dtype == torch.float32
     results = [compare("out", out, olp, o64), compare("lse", lse, llp, l64)]
     for name, ours, plain, ref in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, glp, g64):
@@ -273,6 +273,178 @@ def test_small_blocks_exercise_multi_block_paths(monkeypatch, blocks):
                    dropout_p=0.25 if i else 0.0, seed=3)
 
 
+# ----------------------------------------------------------------------------- forward semantics
+def forward_run(c, *, dropout_p=0.0, seed=0, scale=None):
+    return tpa.attention_forward(c["q"], c["k"], c["v"], c["pk"], c["pv"], c["idx"], c["kpm"],
+                                 causal=c["causal"], scale=c["scale"] if scale is None else scale,
+                                 dropout_p=dropout_p, seed=seed)
+
+
+def check_forward(c, *, ref_case=None, dropout_p=0.0, seed=0):
+    """Forward only (out, lse) against the float64 reference under the tolerance rule; the reference
+    runs on ``ref_case`` (default ``c``: e.g. the same case with garbage replaced by finite values)."""
+    out, lse = forward_run(c, dropout_p=dropout_p, seed=seed)
+    r = ref_case or c
+    mask = None
+    if dropout_p > 0:
+        q, k = c["q"], c["k"]
+        P = 0 if c["pk"] is None else c["pk"].shape[2]
+        mask = tpa.dropout_keep_mask(seed, q.shape[0], q.shape[1], q.shape[2], P, k.shape[2], dropout_p, q.device)
+    args = (r["q"], r["k"], r["v"], r["pk"], r["pv"], r["idx"], r["kpm"])
+    kw = dict(causal=r["causal"], scale=r["scale"], dropout_p=dropout_p, dropout_mask=mask)
+    o64, l64 = prefix_attention_reference(*[None if t is None or not t.is_floating_point() else t.double()
+                                            for t in args[:5]], *args[5:], **kw)
+    olp, llp = prefix_attention_reference(*args, **kw)
+    res = [compare("out", out, olp, o64), compare("lse", lse, llp, l64)]
+    bad = [str(x) for x in res if not x.ok]
+    assert not bad, c["desc"] + "\n" + "\n".join(bad)
+    return out, lse
+
+
+@pytest.mark.parametrize("blocks", [(16, 16), (16, 32), (32, 16)])
+@pytest.mark.parametrize("shape", [(16, 16, 0), (33, 33, 16), (1, 40, 17), (5, 37, 31), (48, 64, 32), (40, 40, 1)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_loop_split_boundaries(monkeypatch, blocks, shape, causal):
+    """Unmasked/masked block split at and around block multiples of L, S and P (decode S > L,
+    a one-row tile, a prefix that ends exactly on or one past a block), shared and per-row prefixes."""
+    bm, bn = blocks
+    monkeypatch.setitem(tfwd.CONFIG_OVERRIDE, "fwd", (bm, bn, 4, 1))
+    L, S, P = shape
+    for i, dtype in enumerate((torch.bfloat16, torch.float32)):
+        c = make_case(300 + L + S + P + bm + 3 * bn + i, dtype, L=L, S=S, P=P, D=32, causal=causal, mask=False,
+                      form="row" if i else "shared")
+        check_forward(c)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_nan_in_a_visible_score_propagates(dtype):
+    """A NaN / inf in a visible score makes exactly the reference's rows NaN (SDPA semantics); the
+    other rows are unaffected.  (The old kernel turned such rows into silent zeros.)"""
+    for P, causal, mask in ((7, False, False), (0, True, True), (40, True, False)):
+        c = make_case(400 + P, DTYPES[dtype], P=P, L=37, S=45, D=64, causal=causal, mask=mask, B=2, Hkv=1, group=2)
+        q, k = c["q"].clone(), c["k"].clone()
+        q[0, 1, 3, 5] = float("nan")                   # one row: every score NaN
+        k[1, 0, 9, 2] = float("inf")                   # one key: +-inf / NaN for every row that sees it
+        c = dict(c, q=q, k=k)
+        out, lse = forward_run(c)
+        args = [None if t is None else t.double() for t in (c["q"], c["k"], c["v"], c["pk"], c["pv"])]
+        o64, l64 = prefix_attention_reference(*args, c["idx"], c["kpm"], causal=causal, scale=c["scale"])
+        nan_rows = torch.isnan(o64).any(-1)
+        assert nan_rows[0, 1, 3] and nan_rows[1].any() and not nan_rows.all()
+        assert torch.equal(torch.isnan(out).any(-1), nan_rows), c["desc"]
+        assert torch.isnan(out[nan_rows]).all()
+        assert torch.equal(torch.isnan(lse), torch.isnan(l64)), c["desc"]
+        assert torch.equal(torch.isposinf(lse), torch.isposinf(l64)) and torch.isposinf(l64).any(), c["desc"]
+        ok = ~nan_rows
+        assert not torch.isnan(out[ok]).any() and torch.isfinite(lse[ok]).all()
+        olp, llp = prefix_attention_reference(c["q"], c["k"], c["v"], c["pk"], c["pv"], c["idx"], c["kpm"],
+                                              causal=causal, scale=c["scale"])
+        for r in (compare("out", out[ok], olp[ok], o64[ok]), compare("lse", lse[ok], llp[ok], l64[ok])):
+            assert r.ok, c["desc"] + "\n" + str(r)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_all_visible_scores_minus_inf_is_nan_not_a_dead_row(dtype):
+    """Visible scores that are all -inf: the reference's softmax is NaN; only a row with no visible
+    column is a zero row.  Without a prefix, with and without a padding mask."""
+    for mask in (False, True):
+        c = make_case(410 + mask, DTYPES[dtype], P=0, L=20, S=20, D=32, causal=False, mask=mask, B=1, Hkv=1,
+                      group=1, fully_masked=False)
+        q, k = c["q"].clone(), c["k"].clone()
+        k[..., 0] = 1.0
+        q[0, 0, 4, 0] = float("-inf")                  # row 4: every visible score is -inf
+        c = dict(c, q=q, k=k)
+        out, lse = forward_run(c)
+        o64, l64 = prefix_attention_reference(c["q"].double(), c["k"].double(), c["v"].double(), None, None, None,
+                                              c["kpm"], causal=False, scale=c["scale"])
+        assert torch.isnan(o64[0, 0, 4]).all() and torch.isneginf(l64[0, 0, 4])   # softmax NaN, logsumexp -inf
+        assert torch.isnan(out[0, 0, 4]).all() and torch.isneginf(lse[0, 0, 4])
+        others = torch.ones(20, dtype=torch.bool)
+        others[4] = False
+        assert not torch.isnan(out[0, 0, others]).any()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_nan_scale_gives_nan_rows_and_zero_dead_rows(dtype):
+    c = make_case(420, DTYPES[dtype], P=0, L=19, S=23, D=64, causal=False, mask=True, fully_masked=True, B=2)
+    out, lse = forward_run(c, scale=float("nan"))
+    assert (out[0] == 0).all() and torch.isneginf(lse[0]).all()       # row 0 of the batch sees nothing
+    assert torch.isnan(out[1]).all() and torch.isnan(lse[1]).all()
+    c = make_case(421, DTYPES[dtype], P=5, L=9, S=9, D=32, causal=True, mask=True)
+    out, lse = forward_run(c, scale=float("nan"))
+    assert torch.isnan(out).all() and torch.isnan(lse).all()
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("causal", [False, True])
+def test_padded_keys_and_values_contribute_nothing_whatever_they_hold(dtype, causal):
+    """NaN / inf / huge values at padded key positions (key_padding_mask False) change nothing: the
+    result equals the reference on the same inputs with finite values there.  Also memory past S
+    (k, v slices of a NaN-filled buffer).  (The old kernel multiplied padded values by p = 0.)"""
+    for P in (0, 9):
+        c = make_case(430 + P + causal, DTYPES[dtype], P=P, L=29, S=41, D=80, causal=causal, mask=True, B=2)
+        kpm = c["kpm"]
+        kpm[:, -1] = False
+        kpm[:, 0] = True
+        big_k = torch.full((*c["k"].shape[:2], c["k"].shape[2] + 13, c["k"].shape[3]), float("nan"), dtype=c["k"].dtype)
+        big_v = big_k.clone()
+        big_k[:, :, :41], big_v[:, :, :41] = c["k"], c["v"]
+        k, v = big_k[:, :, :41], big_v[:, :, :41]
+        pad = ~kpm[:, None, :, None]
+        k.masked_fill_(pad, float("nan"))
+        v.masked_fill_(pad & (torch.arange(80) % 2 == 0), float("inf"))
+        v.masked_fill_(pad & (torch.arange(80) % 2 == 1), float("nan"))
+        garbage = dict(c, k=k, v=v)
+        out, lse = check_forward(garbage, ref_case=c)
+        assert not torch.isnan(out).any()
+
+
+def test_out_of_range_prefix_index_is_clamped_in_kernel():
+    """The kernel never reads outside prefix_k: an index past T - 1 (or negative) reads task T - 1 (0)."""
+    c = make_case(440, torch.float16, P=11, L=8, S=8, D=32, form="task", B=3)
+    T = c["pk"].shape[0]
+    bad = dict(c, idx=torch.tensor([T + 5, -3, 2 ** 40], dtype=torch.int64))
+    fixed = dict(c, idx=torch.tensor([T - 1, 0, T - 1], dtype=torch.int64))
+    o1, l1 = forward_run(bad)
+    o2, l2 = forward_run(fixed)
+    assert torch.equal(o1, o2) and torch.equal(l1, l2)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_negative_and_zero_scale(dtype):
+    for scale in (-0.2, 0.0):
+        c = make_case(450, DTYPES[dtype], P=33, L=35, S=40, D=64, causal=True, mask=True)
+        check_forward(dict(c, scale=scale))
+
+
+def test_forward_writes_a_strided_out_tensor():
+    """``out=`` is written through its strides (e.g. a [B, L, H, D] buffer viewed as [B, H, L, D])."""
+    c = make_case(460, torch.bfloat16, P=4, L=13, S=17, D=96, B=2, Hkv=1, group=2)
+    B, Hq, L, D = c["q"].shape
+    buf = torch.full((B, L, Hq, D), float("nan"), dtype=torch.bfloat16)
+    o, lse = tpa.attention_forward(c["q"], c["k"], c["v"], c["pk"], c["pv"], c["idx"], c["kpm"], causal=c["causal"],
+                                   scale=c["scale"], dropout_p=0.0, seed=0, out=buf.transpose(1, 2))
+    assert o.data_ptr() == buf.data_ptr()
+    ref, ref_lse = forward_run(c)
+    assert torch.equal(buf.transpose(1, 2), ref) and torch.equal(lse, ref_lse)
+
+
+def test_launch_flags_pick_the_specialisation():
+    """The launcher turns every optional feature into a constexpr (no dropout code without dropout)."""
+    f = tfwd.fwd_flags
+    assert f(D=80, block_d=128, P=0, causal=True, has_mask=False, dropout_p=0.0, scale=0.1) == dict(
+        CAUSAL=True, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=False, EVEN_D=False, NEG_SCALE=False)
+    assert f(D=64, block_d=64, P=3, causal=False, has_mask=True, dropout_p=0.1, scale=-1.0) == dict(
+        CAUSAL=False, HAS_MASK=True, DROPOUT=True, HAS_PREFIX=True, EVEN_D=True, NEG_SCALE=True)
+    assert set(tfwd.FWD_VARIANTS["plain"]) == set(f(D=64, block_d=64, P=1, causal=False, has_mask=False,
+                                                     dropout_p=0.0, scale=1.0))
+    # tile table: the main one only without a padding mask, dropout or a ragged head dim
+    base = dict(D=64, block_d=64, P=1, causal=True, has_mask=False, dropout_p=0.0, scale=1.0)
+    assert not tfwd.masked_launch(f(**base))
+    for change in (dict(D=48), dict(has_mask=True), dict(dropout_p=0.1)):
+        assert tfwd.masked_launch(f(**{**base, **change})), change
+
+
 # ----------------------------------------------------------------------------- specs
 def test_aot_specs_cover_every_launch_choice():
     specs = tpa.aot_specs()
@@ -281,9 +453,34 @@ def test_aot_specs_cover_every_launch_choice():
     for dt in ("fp16", "bf16", "fp32"):
         for bd in tfwd.BLOCK_DS:
             for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
-                assert f"prefix_attn_{kind}[d={bd},{dt}]" in names
+                for arch in (80, 90):
+                    assert any(s.name.startswith(f"prefix_attn_{kind}[d={bd},{dt}") and arch in s.archs
+                               for s in specs), (kind, bd, dt, arch)
+    # the forward ships one tile per (arch, dtype family, BLOCK_D): its specs compile that tile for that arch
+    dt_of = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+    for s in specs:
+        if s.name.startswith("prefix_attn_fwd["):
+            bd, dt, arch = s.name[len("prefix_attn_fwd[d="):].split(",")[:3]
+            arch = int(arch[2:])
+            assert s.archs == (arch,)
+            c = s.constexprs
+            table = tfwd.FWD_MASKED_TILES if tfwd.masked_launch(c) else tfwd.FWD_TILES
+            assert (c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages) == \
+                table[arch][(tfwd.family(dt_of[dt]), int(bd))]
     # every 16-bit GEMM kernel must get wgmma on sm_90 except the d=256 dK/dV one, whose 32-key
     # tiles (needed for zero spills) are below wgmma's 64-row minimum
     for s in specs:
         main = ("fp16" in s.name or "bf16" in s.name) and any(k in s.name for k in ("_fwd[", "_dkdv[", "_dq["))
         assert s.expect_wgmma == (main and "dkdv[d=256" not in s.name), s.name
+
+
+def test_forward_tile_tables():
+    """sm_90 16-bit tiles are at least 128 x 64 up to D = 128; padding-mask / dropout launches take
+    the masked table; the interpreter gets small tiles."""
+    for bd in (32, 64, 128):
+        bm, bn, w, st = tfwd.FWD_TILES[90][("16", bd)]
+        assert bm >= 128 and bn >= 64, bd
+        assert tfwd.fwd_config(torch.float16, bd, 90) == (bm, bn, w, st)
+        assert tfwd.fwd_config(torch.float16, bd, 90, masked=True) == tfwd.FWD_MASKED_TILES[90][("16", bd)]
+    assert tfwd.fwd_config(torch.bfloat16, 128, None) == tfwd.CPU_TILES["16"]
+    assert tfwd.device_arch("cpu") is None

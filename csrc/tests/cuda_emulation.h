@@ -4,7 +4,11 @@
 // A block's threads are cooperative fibers (ucontext) on one OS thread, scheduled round
 // robin; __syncthreads / __syncwarp are barriers over the live threads of the block / warp,
 // __shfl_xor_sync exchanges through a per-warp slot array between two warp barriers.
-// Blocks run one after another.  This checks indexing, masking, the math and barrier
+// Blocks run one after another, in grid, reversed or random order (SPK_EMU_ORDER).  Tensor-core primitives (csrc/tc_primitives.cuh): mma.sync and
+// ldmatrix are warp collectives over warp_exchange (PTX ISA fragment layouts), cp.async is
+// queued per thread and performed at cp.async.wait_group (16-byte alignment asserted; a failed
+// check is reported by cudaGetLastError).  Shared memory is poisoned with 0xff bytes (NaN in
+// float32, float16 and bfloat16).  This checks indexing, masking, the math and barrier
 // placement (a read of shared memory before the writing threads reached the barrier reads
 // stale data here too, since fibers only switch at barriers); it cannot show
 // GPU-specific issues (memory model, bank conflicts, timing).
@@ -12,7 +16,10 @@
 
 #include <ucontext.h>
 
+#include <algorithm>
 #include <atomic>
+#include <random>
+#include <cstddef>
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
@@ -86,6 +93,13 @@ struct Barrier {
   long gen = 0;
 };
 
+// One emulated cp.async (16 bytes; zero-fill when !valid).
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  bool valid;
+};
+
 struct Fiber {
   ucontext_t ctx;
   std::vector<char> stack;
@@ -93,6 +107,9 @@ struct Fiber {
   Barrier* waiting = nullptr;
   long wait_gen = 0;
   unsigned tid = 0;
+  long collectives = 0;                         // warp collectives issued (exchange buffer parity)
+  std::vector<AsyncCopy> open_group;            // cp.async issued since the last commit
+  std::vector<std::vector<AsyncCopy>> groups;   // committed, not yet waited for (oldest first)
 };
 
 struct BlockState {
@@ -101,6 +118,7 @@ struct BlockState {
   Barrier block_bar;
   std::vector<Barrier> warp_bars;
   std::vector<float> shfl;
+  std::vector<uint64_t> xchg;  // warp collectives: [warp][parity][lane][kXchgWords]
   std::vector<float> smem;
   ucontext_t sched;
   Fiber* current = nullptr;
@@ -141,6 +159,70 @@ inline void drop(Barrier& bar) {
 
 inline float* dynamic_smem() { return state()->smem.data(); }
 
+// A kernel-side error (misaligned cp.async / ldmatrix, address outside shared memory): reported
+// once on stderr and returned by the next cudaGetLastError(), so a test fails instead of aborting.
+inline cudaError_t& last_error();
+inline void fail(const char* what) {
+  if (last_error() == cudaSuccess) std::fprintf(stderr, "spk_emu: %s\n", what);
+  last_error() = cudaErrorLaunchFailure;
+}
+
+inline bool in_smem(const void* p, size_t bytes) {
+  const char* lo = reinterpret_cast<const char*>(state()->smem.data());
+  const char* hi = lo + state()->smem.size() * sizeof(float);
+  const char* c = static_cast<const char*>(p);
+  return c >= lo && c + bytes <= hi;
+}
+
+constexpr int kXchgWords = 8;
+
+// Warp-collective exchange: every lane of the calling warp publishes n <= kXchgWords words; after
+// one warp barrier, `all[lane][w]` holds lane's words.  Two buffers alternate by call parity, so a
+// lane cannot overwrite a buffer that another lane is still reading (that lane would have to pass
+// the next collective's barrier first).
+inline void warp_exchange(const uint64_t* words, int n, uint64_t (*all)[kXchgWords]) {
+  BlockState* s = state();
+  Fiber* f = s->current;
+  const unsigned warp = f->tid / 32, lane = f->tid % 32;
+  uint64_t* buf = s->xchg.data() + ((size_t)warp * 2 + (f->collectives++ & 1)) * 32 * kXchgWords;
+  for (int w = 0; w < n; ++w) buf[lane * kXchgWords + w] = words[w];
+  arrive_and_wait(s->warp_bars[warp]);
+  for (int l = 0; l < 32; ++l)
+    for (int w = 0; w < n; ++w) all[l][w] = buf[l * kXchgWords + w];
+}
+
+inline unsigned lane_id() { return state()->current->tid % 32; }
+
+// cp.async: queued per thread, performed at cp.async.wait_group (so a read before the wait sees the
+// shared-memory poison, as a missing wait would on a GPU).  Both addresses must be 16-byte aligned.
+inline void cp_async_16(void* dst, const void* src, bool valid) {
+  if ((reinterpret_cast<uintptr_t>(dst) & 15u) != 0 || (valid && (reinterpret_cast<uintptr_t>(src) & 15u) != 0)) {
+    fail("cp.async: address not 16-byte aligned");
+    return;
+  }
+  if (!in_smem(dst, 16)) {
+    fail("cp.async: destination outside dynamic shared memory");
+    return;
+  }
+  state()->current->open_group.push_back(AsyncCopy{dst, src, valid});
+}
+inline void cp_async_commit() {
+  Fiber* f = state()->current;
+  f->groups.push_back(std::move(f->open_group));
+  f->open_group.clear();
+}
+// cp.async.wait_group n: all but the newest n committed groups have landed.
+inline void cp_async_wait(int n) {
+  Fiber* f = state()->current;
+  while ((int)f->groups.size() > n) {
+    for (const AsyncCopy& c : f->groups.front()) {
+      if (c.valid) std::memcpy(c.dst, c.src, 16);
+      else std::memset(c.dst, 0, 16);
+    }
+    f->groups.erase(f->groups.begin());
+  }
+}
+
 inline float shfl_xor(float v, int off) {
   BlockState* s = state();
   const unsigned tid = s->current->tid;
@@ -172,6 +254,27 @@ inline cudaError_t& last_error() {
   return e;
 }
 
+// Storage type of dynamic shared memory: 16-byte aligned (vector<float> data is malloc-aligned).
+static_assert(alignof(std::max_align_t) >= 16, "emulated shared memory must be 16-byte aligned");
+
+// Schedule of a launch, from the environment: SPK_EMU_ORDER = "forward" (default: blocks in grid
+// order, fibers resumed in thread order), "reverse" (both reversed) or "shuffle" (blocks in a random
+// order, fibers in a new random order at every scheduler pass; seed SPK_EMU_SEED).  Correct kernels
+// give the same result under every order; a race between threads or blocks may not.
+struct Order {
+  enum Kind { kForward, kReverse, kShuffle } kind = kForward;
+  uint64_t seed = 0;
+};
+inline Order schedule_order() {
+  Order o;
+  const char* k = std::getenv("SPK_EMU_ORDER");
+  if (k != nullptr && std::strcmp(k, "reverse") == 0) o.kind = Order::kReverse;
+  if (k != nullptr && std::strcmp(k, "shuffle") == 0) o.kind = Order::kShuffle;
+  const char* seed = std::getenv("SPK_EMU_SEED");
+  if (seed != nullptr) o.seed = std::strtoull(seed, nullptr, 10);
+  return o;
+}
+
 template <class Kernel, class... Args>
 void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... args) {
   if (block.y != 1 || block.z != 1 || block.x == 0 || block.x > 1024) {
@@ -187,14 +290,25 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
   s.fibers.resize(block.x);
   for (auto& f : s.fibers) f.stack.resize(256 * 1024);
   s.shfl.assign(((block.x + 31) / 32) * 32, 0.f);
+  s.xchg.assign((size_t)((block.x + 31) / 32) * 2 * 32 * kXchgWords, 0);
   BlockState* saved = state();
   state() = &s;
+  const Order order = schedule_order();
+  std::mt19937_64 rng(order.seed);
+  std::vector<dim3> blocks;  // run order of the blocks
   for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
-      for (unsigned bx = 0; bx < grid.x; ++bx) {
-        s.block_idx = dim3(bx, by, bz);
-        // poison shared memory: a read before any write shows up as NaN
-        s.smem.assign(smem_bytes / sizeof(float) + 1, std::nanf(""));
+      for (unsigned bx = 0; bx < grid.x; ++bx) blocks.push_back(dim3(bx, by, bz));
+  if (order.kind == Order::kReverse) std::reverse(blocks.begin(), blocks.end());
+  if (order.kind == Order::kShuffle) std::shuffle(blocks.begin(), blocks.end(), rng);
+  std::vector<unsigned> fiber_order(block.x);  // order in which the scheduler resumes fibers
+  for (unsigned t = 0; t < block.x; ++t) fiber_order[t] = order.kind == Order::kReverse ? block.x - 1 - t : t;
+  for (const dim3& blk : blocks) {
+        const unsigned bx = blk.x, by = blk.y, bz = blk.z;
+        s.block_idx = blk;
+        // poison shared memory with all-ones bytes: NaN as float32, float16 and bfloat16 alike
+        s.smem.resize(smem_bytes / sizeof(float) + 1);
+        std::memset(s.smem.data(), 0xff, s.smem.size() * sizeof(float));
         s.block_bar = Barrier{(int)block.x, 0, 0};
         s.warp_bars.assign((block.x + 31) / 32, Barrier{});
         for (unsigned t = 0; t < block.x; ++t) s.warp_bars[t / 32].expected += 1;
@@ -203,6 +317,9 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
           f.done = false;
           f.waiting = nullptr;
           f.tid = t;
+          f.collectives = 0;
+          f.open_group.clear();
+          f.groups.clear();  // copies never waited for are dropped with the block
           getcontext(&f.ctx);
           f.ctx.uc_stack.ss_sp = f.stack.data();
           f.ctx.uc_stack.ss_size = f.stack.size();
@@ -212,7 +329,9 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
         unsigned live = block.x;
         while (live > 0) {
           bool progressed = false;
-          for (auto& f : s.fibers) {
+          if (order.kind == Order::kShuffle) std::shuffle(fiber_order.begin(), fiber_order.end(), rng);
+          for (unsigned t : fiber_order) {
+            Fiber& f = s.fibers[t];
             if (f.done) continue;
             if (f.waiting != nullptr && f.waiting->gen == f.wait_gen) continue;  // still blocked
             f.waiting = nullptr;
@@ -226,7 +345,7 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
             std::abort();
           }
         }
-      }
+  }
   state() = saved;
 }
 
@@ -245,6 +364,12 @@ inline void __syncwarp(unsigned = 0xffffffffu) {
 inline float __shfl_xor_sync(unsigned, float v, int off) { return spk_emu::shfl_xor(v, off); }
 inline float atomicAdd(float* addr, float v) { return std::atomic_ref<float>(*addr).fetch_add(v); }
 inline float __expf(float x) { return std::exp(x); }
+inline unsigned short __half_as_ushort(__half h) { return h.bits; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 b) { return b.bits; }
+inline cudaError_t cudaGetDevice(int* d) { *d = 0; return cudaSuccess; }
+enum cudaDeviceAttr { cudaDevAttrComputeCapabilityMajor = 75 };
+// The emulated device reports compute capability 9.x (mma.sync / ldmatrix / cp.async available).
+inline cudaError_t cudaDeviceGetAttribute(int* v, cudaDeviceAttr, int) { *v = 9; return cudaSuccess; }
 inline float __logf(float x) { return std::log(x); }
 inline cudaError_t cudaGetLastError() {
   cudaError_t e = spk_emu::last_error();
@@ -253,4 +378,5 @@ inline cudaError_t cudaGetLastError() {
 }
 
 #define SPK_DYNAMIC_SMEM(name) float* name = spk_emu::dynamic_smem()
+#define SPK_DYNAMIC_SMEM_BYTES(name) unsigned char* name = reinterpret_cast<unsigned char*>(spk_emu::dynamic_smem())
 #define SPK_LAUNCH(kernel, grid, block, smem, stream, ...) spk_emu::launch(grid, block, smem, kernel, __VA_ARGS__)

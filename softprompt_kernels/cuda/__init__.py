@@ -3,5 +3,13 @@
 
 Modules: ``_build`` (locate, build and load the extension), ``prefix_attention`` and
 ``prefix_mlp`` (backend modules calling ``torch.ops.softprompt_kernels_cuda.*``).
-Importing this package never builds anything.
+Importing this package never builds anything.  ``last_path()`` tells which forward kernel
+(tensor cores or SIMT, and why) the last ``backend="cuda"`` call ran.
 """
+
+
+def last_path(kind: str = "fwd") -> str:
+    """``"tensor_core"`` or ``"simt: <reason>"`` for the last forward (``kind="bwd"``: backward)."""
+    from .prefix_attention import last_path as _lp
+
+    return _lp(kind)

@@ -8,9 +8,11 @@ an ahead-of-time build next to this package (``setup.py`` with
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import threading
+import warnings
 from pathlib import Path
 from typing import Optional
 
@@ -37,6 +39,36 @@ def cuda_sources(root: Optional[Path] = None) -> list[Path]:
     """Every source the extension is built from: the binding and all ``.cu`` files."""
     root = root or csrc_dir()
     return [root / "binding.cpp"] + sorted(root.glob("*.cu"))
+
+
+CUTLASS_HINT = (
+    "the CUDA backend's tensor-core kernels need the CuTe headers of the nvidia-cutlass package "
+    "(pip install nvidia-cutlass, or pip install 'softprompt-kernels[cuda]'; or set "
+    "SOFTPROMPT_KERNELS_CUTLASS_INCLUDE to a CUTLASS include/ directory); without them only the SIMT kernels are built"
+)
+
+
+def cutlass_include_dir() -> Optional[Path]:
+    """Include directory holding ``cute/`` (``$SOFTPROMPT_KERNELS_CUTLASS_INCLUDE``, else the installed
+    ``nvidia-cutlass`` package's ``cutlass_library/source/include``); None when absent.  Imports nothing."""
+    cands: list[Path] = []
+    env = os.environ.get("SOFTPROMPT_KERNELS_CUTLASS_INCLUDE")
+    if env:
+        cands.append(Path(env))
+    else:
+        spec = importlib.util.find_spec("cutlass_library")
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            cands.append(Path(loc) / "source" / "include")
+    for cand in cands:
+        if (cand / "cute" / "arch" / "mma_sm80.hpp").exists():
+            return cand
+    return None
+
+
+def tensor_core_build_flags() -> tuple[list[str], list[str]]:
+    """(include dirs, nvcc flags) that enable the tensor-core kernels; ([], []) without CuTe."""
+    inc = cutlass_include_dir()
+    return ([str(inc)], ["-DSPK_WITH_CUTE"]) if inc is not None else ([], [])
 
 
 def _find_nvcc() -> Optional[str]:
@@ -104,12 +136,15 @@ def load(verbose: bool = False) -> None:
             from torch.utils.cpp_extension import load as jit_load
 
             root = csrc_dir()
+            tc_inc, tc_flags = tensor_core_build_flags()
+            if not tc_flags:
+                warnings.warn(CUTLASS_HINT, RuntimeWarning, stacklevel=2)
             jit_load(
                 name=LIB_NAMESPACE,
                 sources=[str(p) for p in cuda_sources(root)],
-                extra_include_paths=[str(root)],
+                extra_include_paths=[str(root)] + tc_inc,
                 extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", "-lineinfo"],
+                extra_cuda_cflags=["-O3", "-lineinfo"] + tc_flags,
                 is_python_module=False,
                 verbose=verbose,
             )

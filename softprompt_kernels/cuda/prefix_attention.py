@@ -5,6 +5,11 @@ q ``[B, Hq, L, D]``, k/v ``[B, Hkv, S, D]``, prefix ``[T, Hkv, P, D]`` + index `
 strides, D <= 256, float32/float16/bfloat16.  Attention dropout: the keep decision of
 probability (b, h, i, c) is ``spk::dropout_keep`` in ``csrc/prefix_attention_common.cuh`` (an
 integer hash of seed, b, h, i, c); ``dropout_keep_mask`` reproduces it with tensor arithmetic.
+
+Forward kernels: the tensor-core kernel (``csrc/prefix_attention_fwd_tc.cu``: mma.sync m16n8k16,
+ldmatrix, cp.async; sm_80+) for float16/bfloat16, D <= 128 with D % 8 == 0, unit last stride and
+16-byte aligned pointers and row strides, dropout included; the SIMT kernel otherwise.
+``last_path()`` says which one the last forward ran and why.  The backward is SIMT only.
 """
 from __future__ import annotations
 
@@ -27,6 +32,27 @@ def _mix32(x: Tensor) -> Tensor:
     return x ^ (x >> 16)
 
 
+# FwdPath codes of csrc/launchers.h
+PATH_NAMES = {
+    0: "none: no forward ran",
+    1: "tensor_core",
+    2: "simt: float32 inputs",
+    3: "simt: head dim not <= 128 or not a multiple of 8",
+    4: "simt: a last stride != 1 or a pointer / row stride not 16-byte aligned",
+    5: "simt: GPU below sm_80",
+    6: "simt: built without the CuTe headers (pip install nvidia-cutlass)",
+    7: "simt: forced by SOFTPROMPT_KERNELS_CUDA_FWD=simt",
+    8: "simt: scale <= 0 or not finite",
+}
+_last = {"fwd": PATH_NAMES[0], "bwd": "none: no backward ran"}
+
+
+def last_path(kind: str = "fwd") -> str:
+    """Kernel path of the last ``backend="cuda"`` call of ``kind`` ("fwd" or "bwd") in this process:
+    ``"tensor_core"`` or ``"simt: <reason>"``."""
+    return _last[kind]
+
+
 def attention_forward(
     q: Tensor, k: Tensor, v: Tensor,
     prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], prefix_index: Optional[Tensor],
@@ -35,6 +61,7 @@ def attention_forward(
     """Returns ``out [B, Hq, L, D]`` (q.dtype, contiguous) and ``lse [B, Hq, L]`` float32."""
     out, lse = ops().attn_fwd(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, bool(causal), float(scale),
                               float(dropout_p), int(seed))
+    _last["fwd"] = PATH_NAMES.get(int(ops().last_fwd_path()), "unknown")
     return out, lse
 
 
@@ -53,6 +80,7 @@ def attention_backward(
         dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
         bool(causal), float(scale), float(dropout_p), int(seed), bool(deterministic),
     )
+    _last["bwd"] = "simt: no tensor-core backward yet"
     if prefix_k is None:
         return dq, dk, dv, None, None
     return dq, dk, dv, dpk, dpv

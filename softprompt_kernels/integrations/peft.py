@@ -115,7 +115,7 @@ class _Runtime:
         kv = torch.stack(kvs, dim=2)
         device = kv.device
         index = torch.tensor([order.index(n) for n in names], dtype=torch.int64, device=device)
-        return PrefixState(kv, index, self.backend, self.probe)
+        return PrefixState(kv, index, self.backend, self.probe, index_checked=True)  # built in range
 
 
 def _check_prefix_config(cfg, name: str) -> None:

@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ..ops.prefix_attention import prefix_attention
+from ..ops.prefix_attention import check_prefix_index_range, prefix_attention
 from . import _compat
 
 PREFIX_KWARG = "softprompt_prefix"
@@ -42,11 +42,16 @@ class PrefixState:
     ``module._softprompt_prefix_layer`` (modules without it get no prefix).
     """
 
-    def __init__(self, kv: Tensor, index: Optional[Tensor], backend: str, reached: Optional[set] = None):
+    def __init__(self, kv: Tensor, index: Optional[Tensor], backend: str, reached: Optional[set] = None, *,
+                 index_checked: bool = False):
         if kv.dim() != 6 or kv.shape[1] != 2:
             raise ValueError(f"kv must be [num_layers, 2, T, Hkv, P, D], got {tuple(kv.shape)}")
         if index is None and kv.shape[2] != 1:
             raise ValueError("a prefix with T > 1 tasks needs an index [B]")
+        if index is not None and not index_checked and index.numel() and not torch.compiler.is_compiling():
+            # checked once per state (one host read), not once per layer: attention calls then
+            # skip the op's host-side check (it still clamps and asserts on device)
+            check_prefix_index_range(index, kv.shape[2])
         self.kv = kv
         self.index = index
         self.backend = backend
@@ -75,7 +80,7 @@ class PrefixState:
             raise ValueError(f"adapter_names has {self.index.shape[0]} entries but the batch has {batch_size} rows "
                              "(one adapter name per row)")
         idx = self.index.repeat_interleave(batch_size // self.index.shape[0])
-        return PrefixState(self.kv, idx, self.backend, self.reached)
+        return PrefixState(self.kv, idx, self.backend, self.reached, index_checked=True)
 
 
 class PrefixLayer(_compat.DynamicLayer):
@@ -264,8 +269,9 @@ def attention_forward(module, query: Tensor, key: Tensor, value: Tensor, attenti
     out = prefix_attention(
         query, key, value, pk, pv, prefix_index=idx, causal=bool(is_causal),
         key_padding_mask=kpm, softmax_scale=scaling, dropout_p=float(dropout), backend=backend,
+        check_prefix_index=False,  # PrefixState checked it once for the whole forward
     )
-    return out.transpose(1, 2).contiguous(), None
+    return out.transpose(1, 2).contiguous(), None  # a no-op: out is [B, L, Hq, D] storage (ops/layout.py)
 
 
 def register(backend: str = "auto") -> str:

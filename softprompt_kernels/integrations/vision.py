@@ -154,7 +154,7 @@ class _VisualRuntime:
             rows = p.dropout(w.unsqueeze(0).expand(batch_size, *w.shape))
             kv = self.parts.prefix_kv(rows)
             index = torch.arange(batch_size, device=w.device)
-            return PrefixState(kv.to(self._dtype()), index, self.backend)
+            return PrefixState(kv.to(self._dtype()), index, self.backend, index_checked=True)  # one task per row
         kv = self.parts.prefix_kv(w.unsqueeze(0))
         return PrefixState(kv.to(self._dtype()), None, self.backend)
 

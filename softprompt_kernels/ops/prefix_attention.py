@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from .backend_choice import resolve_backend
+from .layout import conform, empty_output, gradient_like
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKEND_MODULES = {
@@ -37,7 +38,8 @@ def _check_tensor(name: str, t, ndim: int, layout: str) -> None:
         raise ValueError(f"{name} must have {ndim} dims {layout}, got shape {tuple(t.shape)}")
 
 
-def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend):
+def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend,
+                  check_prefix_index=True):
     _check_tensor("q", q, 4, "[B, Hq, L, D]")
     _check_tensor("k", k, 4, "[B, Hkv, S, D]")
     _check_tensor("v", v, 4, "[B, Hkv, S, D]")
@@ -123,19 +125,23 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, d
         T = prefix_k.shape[0]
         if T == 0 and B > 0:
             raise ValueError(f"prefix_k has T=0 tasks but prefix_index has B={B} rows: no task to index")
-        if not torch.compiler.is_compiling() and B > 0 and prefix_index.device.type != "meta":
-            # Eager: an exact check with the offending value (one host sync on CUDA, cheap: [B]).
-            bad = (prefix_index < 0) | (prefix_index >= T)
-            if bool(bad.any()):
-                b = int(bad.nonzero()[0, 0])
-                raise ValueError(
-                    f"prefix_index values must be in [0, T={T}) (T = prefix_k.shape[0]); "
-                    f"got prefix_index[{b}] = {int(prefix_index[b])} "
-                    f"(values in [{int(prefix_index.min())}, {int(prefix_index.max())}])"
-                )
+        if check_prefix_index and not torch.compiler.is_compiling() and B > 0 and prefix_index.device.type != "meta":
+            check_prefix_index_range(prefix_index, T)
 
 
-def _normalise_prefix(q, prefix_k, prefix_v, prefix_index):
+def check_prefix_index_range(prefix_index: Tensor, T: int) -> None:
+    """ValueError naming the first ``prefix_index`` value outside ``[0, T)`` (one host sync on CUDA, cheap: [B])."""
+    bad = (prefix_index < 0) | (prefix_index >= T)
+    if bool(bad.any()):
+        b = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"prefix_index values must be in [0, T={T}) (T = prefix_k.shape[0]); "
+            f"got prefix_index[{b}] = {int(prefix_index[b])} "
+            f"(values in [{int(prefix_index.min())}, {int(prefix_index.max())}])"
+        )
+
+
+def _normalise_prefix(q, prefix_k, prefix_v, prefix_index, check_prefix_index=True):
     """-> (prefix_k [T, Hkv, P, D] | None, prefix_v, prefix_index int64 [B] | None)."""
     if prefix_k is None or prefix_k.shape[-2] == 0:
         return None, None, None
@@ -147,10 +153,11 @@ def _normalise_prefix(q, prefix_k, prefix_v, prefix_index):
     # The backends read prefix_index as a dense int64 [B] vector: a strided view
     # (``table[:, 0]``) or int32 index is made contiguous int64 here ([B] elements, cheap).
     idx = prefix_index.to(torch.int64).contiguous()
-    if torch.compiler.is_compiling() and B > 0:
-        # The eager range check reads values on the host; under torch.compile check on
-        # device instead (raises at run time, asynchronously on CUDA) and clamp, so that
-        # no backend ever reads outside the prefix tensor even before the assert fires.
+    if (torch.compiler.is_compiling() or not check_prefix_index) and B > 0:
+        # The eager range check reads values on the host; under torch.compile (or when the
+        # caller checked the index once itself) check on device instead (raises at run time,
+        # asynchronously on CUDA) and clamp, so that no backend ever reads outside the
+        # prefix tensor even before the assert fires.
         T = prefix_k.shape[0]
         torch._assert_async(((idx >= 0) & (idx < T)).all(),
                             "prefix_index values must be in [0, T) with T = prefix_k.shape[0]")
@@ -168,27 +175,19 @@ def _prefix_attention_fwd(
 ) -> tuple[Tensor, Tensor]:
     B, Hq, L, D = q.shape
     if B * Hq * L == 0:  # empty batch / no queries: nothing for a backend to do
-        return _new_out(q, backend).zero_(), q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
+        return empty_output(q).zero_(), q.new_full((B, Hq, L), float("-inf"), dtype=torch.float32)
     mod = attention_backend_module(backend)
-    return mod.attention_forward(
+    out, lse = mod.attention_forward(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed),
     )
+    return conform(out, empty_output(q)), lse  # [B, Hq, L, D] over [B, L, Hq, D] storage (see layout.py)
 
 
 @_prefix_attention_fwd.register_fake
 def _(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, causal, scale, dropout_p, deterministic, backend):
     B, Hq, L, D = q.shape
-    return _new_out(q, backend), q.new_empty(B, Hq, L, dtype=torch.float32)
-
-
-def _new_out(q: Tensor, backend: str) -> Tensor:
-    """Empty ``out`` in the layout ``backend`` returns: the torch backend follows q's layout
-    (``empty_like``: a ``[B, L, H, D]`` transposed q gives a transposed out, which transformers'
-    ``out.transpose(1, 2).contiguous()`` then reads without a copy); the others are contiguous."""
-    if backend == "torch":
-        return torch.empty_like(q, memory_format=torch.preserve_format)
-    return q.new_empty(q.shape)
+    return empty_output(q), q.new_empty(B, Hq, L, dtype=torch.float32)
 
 
 @torch.library.custom_op("softprompt_kernels::prefix_attention_bwd", mutates_args=())
@@ -201,15 +200,19 @@ def _prefix_attention_bwd(
     if q.numel() == 0:  # empty batch / no queries: every gradient is zero
         dpk = dpv = q.new_empty(0)
         if prefix_k is not None:
-            dpk, dpv = torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
-        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v), dpk, dpv
+            dpk, dpv = gradient_like(prefix_k).zero_(), gradient_like(prefix_v).zero_()
+        return gradient_like(q).zero_(), gradient_like(k).zero_(), gradient_like(v).zero_(), dpk, dpv
     mod = attention_backend_module(backend)
     dq, dk, dv, dpk, dpv = mod.attention_backward(
         dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
         causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed), deterministic=deterministic,
     )
+    # gradients in the layouts of their inputs (see layout.py)
+    dq, dk, dv = conform(dq, gradient_like(q)), conform(dk, gradient_like(k)), conform(dv, gradient_like(v))
     if dpk is None:  # custom ops cannot return None: an empty tensor stands for "no prefix"
         dpk, dpv = q.new_empty(0), q.new_empty(0)
+    else:
+        dpk, dpv = conform(dpk, gradient_like(prefix_k)), conform(dpv, gradient_like(prefix_v))
     return dq, dk, dv, dpk, dpv
 
 
@@ -219,8 +222,8 @@ def _(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, o
     if prefix_k is None:
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     else:
-        dpk, dpv = prefix_k.new_empty(prefix_k.shape), prefix_v.new_empty(prefix_v.shape)
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dpk, dpv
+        dpk, dpv = gradient_like(prefix_k), gradient_like(prefix_v)
+    return gradient_like(q), gradient_like(k), gradient_like(v), dpk, dpv
 
 
 def _seed_value(seed: Optional[Tensor]) -> int:
@@ -267,6 +270,7 @@ def prefix_attention(
     deterministic: bool = True,
     return_lse: bool = False,
     backend: str = "auto",
+    check_prefix_index: bool = True,
 ):
     """Attention over a learned prefix followed by the sequence's own keys.
 
@@ -294,19 +298,25 @@ def prefix_attention(
         backend: ``"auto"`` (Triton for CUDA tensors; on CPU the PyTorch path, or the
             Triton interpreter when ``TRITON_INTERPRET=1``), ``"triton"``, ``"cuda"``,
             ``"torch"``.
+        check_prefix_index: check ``prefix_index`` against ``[0, T)`` on the host before
+            any kernel runs (one device sync per call on a GPU). ``False`` is for callers
+            that checked it once themselves (the HF integration checks once per forward,
+            not per layer): the range is then asserted on device and the index clamped,
+            so nothing is ever read outside the prefix tensor.
 
     Returns:
-        ``out [B, Hq, L, D]`` in q's dtype (a row that sees no key gives zeros; on the torch
-        backend in q's memory layout, elsewhere contiguous), or
+        ``out [B, Hq, L, D]`` in q's dtype (a row that sees no key gives zeros; a view of
+        ``[B, L, Hq, D]`` storage, see ``ops/layout.py``), or
         ``(out, lse)``. Gradients flow to q, k, v and the prefix; the prefix gradient
         comes back in the prefix's own shape, summed over the rows (and query heads of
         each kv group) that used it.
     """
     is_t = isinstance(q, Tensor)
     backend = resolve_backend(backend, q.device if is_t else None, q.dtype if is_t else None)
-    _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend)
+    _check_inputs(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, dropout_p, backend,
+                  bool(check_prefix_index))
     scale = _check_scale(softmax_scale, q.shape[-1])
-    pk, pv, idx = _normalise_prefix(q, prefix_k, prefix_v, prefix_index)
+    pk, pv, idx = _normalise_prefix(q, prefix_k, prefix_v, prefix_index, bool(check_prefix_index))
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")

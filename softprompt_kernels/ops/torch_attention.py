@@ -1,7 +1,7 @@
 """PyTorch backend of prefix attention: the CPU path.
 
 Implements the backend contract of ``ops/prefix_attention.py``: forward ->
-``out [B, Hq, L, D]`` (q's dtype and memory layout, as ``torch.empty_like(q)``) and
+``out [B, Hq, L, D]`` (q's dtype, the layout of ``ops.layout.empty_output``) and
 ``lse [B, Hq, L]`` float32; backward from ``out`` / ``lse``.
 
 Fused path (CPU tensors, not float64, ``dropout_p == 0``, finite scale): ATen's flash-attention CPU
@@ -56,6 +56,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from .layout import empty_output
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -236,12 +238,13 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
 
 
 def _like_q(q: Tensor, x: Tensor, dtype) -> Tensor:
-    """``x`` in ``dtype`` with the strides of ``torch.empty_like(q)`` (the layout the op returns):
+    """``x`` in ``dtype`` with the strides of ``empty_output(q)`` (the layout the op returns,
+    ``[B, Hq, L, D]`` over ``[B, L, Hq, D]`` storage, also what the ATen kernel writes):
     ``x`` itself when it has them, else a copy."""
-    strides = torch.empty_like(q, device="meta").stride()
-    if x.stride() == strides and x.dtype == dtype:
+    B, Hq, L, D = q.shape
+    if x.stride() == (L * Hq * D, D, Hq * D, 1) and x.dtype == dtype:
         return x
-    return torch.empty_like(q, dtype=dtype).copy_(x)
+    return q.new_empty(B, L, Hq, D, dtype=dtype).transpose(1, 2).copy_(x)
 
 
 def _fused_forward(q, parts, scale: float):
@@ -405,7 +408,7 @@ def _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_ma
     P = 0 if prefix_k is None else prefix_k.shape[2]
     C, G = P + S, Hq // Hkv
     cdt = _compute_dtype(q.dtype)
-    out = torch.empty_like(q, memory_format=torch.preserve_format)  # the op returns q's layout
+    out = empty_output(q)  # the layout the op returns
     lse = torch.empty(B, Hq, L, dtype=torch.float32, device=q.device)
     nrows, qb, kb = _blocks(B, Hq, L, C, causal and skip)
     for lo in range(0, B, nrows):
@@ -551,7 +554,7 @@ def _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_pad
 # ------------------------------------------------------------------------ backend contract
 def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
                       causal: bool, scale: float, dropout_p: float, seed: int):
-    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype, strides of ``empty_like(q)``), ``lse [B, Hq, L]`` float32.
+    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype, strides of ``empty_output(q)``), ``lse [B, Hq, L]`` float32.
 
     Fused path first, inputs unchecked (finite inputs give a finite output with no silent
     zero row; anything else is caught on the output); if it meets a NaN/inf: again with

@@ -25,7 +25,14 @@ pass a fresh temp dir so that they measure cold compiles).
 Alignment hints: a real launch with torch tensors specialises every pointer argument as
 16-byte aligned (``tt.divisibility = 16``); the driver passes the same hint for every
 pointer (``*`` type) argument so the compiled code matches what a GPU would run.  Integer
-arguments are left unspecialised (the conservative choice).  ``--no-align-hints`` drops it.
+arguments are left unspecialised (the conservative choice) except those a spec lists in
+``divisible`` (e.g. element strides, multiples of 16 in the launches the spec stands for).
+``--no-align-hints`` drops both.
+
+Archs: a spec is compiled for the archs in its ``archs`` only (the tables it comes from are per arch).
+
+Main loops: every result carries ``extra["loops"]``, the SASS main-loop statistics of
+``sass_stats.loop_stats`` (instructions per score element, wgmma shapes).
 
 Parallelism: a ``ProcessPoolExecutor`` with the ``spawn`` start method; each worker
 re-imports the kernel modules (JIT functions are not picklable) with ``TRITON_INTERPRET``
@@ -278,8 +285,11 @@ def _cpu_seconds() -> float:
 
 
 def compile_spec(spec, arch: int, *, module: str = "", align_hints: bool = True,
-                 cuobjdump: Optional[str] = None) -> AotResult:
-    """Compile one spec for ``arch`` in this process (``TRITON_INTERPRET`` must be unset)."""
+                 cuobjdump: Optional[str] = None, loop_scores=(None, None)) -> AotResult:
+    """Compile one spec for ``arch`` in this process (``TRITON_INTERPRET`` must be unset).
+
+    ``extra["loops"]``: ``sass_stats.loop_stats`` of the kernel's main loops; ``loop_scores`` =
+    (scores per iteration, FLOPs per score) for them, default BLOCK_M x BLOCK_N of the spec."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -293,8 +303,9 @@ def compile_spec(spec, arch: int, *, module: str = "", align_hints: bool = True,
         sig = full_signature(spec)
         attrs = {}
         if align_hints:
+            divisible = set(getattr(spec, "divisible", ()))
             attrs = {(i,): [["tt.divisibility", 16]]
-                     for i, (a, t) in enumerate(sig.items()) if t.startswith("*")}
+                     for i, (a, t) in enumerate(sig.items()) if t.startswith("*") or a in divisible}
         src = ASTSource(fn=spec.fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
         t0, c0 = time.perf_counter(), _cpu_seconds()
         compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
@@ -305,6 +316,14 @@ def compile_spec(spec, arch: int, *, module: str = "", align_hints: bool = True,
         name = getattr(md, "name", spec.fn.__name__)
         usage = cubin_resource_usage(compiled.asm["cubin"], name, cuobjdump)
         result_from_usage(res, usage, getattr(md, "shared", 0), compiled.asm.get("ptx", ""))
+        from . import sass_stats
+
+        scores, per_score = loop_scores
+        if scores is None and per_score is None:
+            scores = sass_stats.default_scores_per_iter(spec)
+        res.extra["loops"] = sass_stats.loop_stats(
+            sass_stats.sass_text(compiled.asm["cubin"], cuobjdump), name, num_warps=spec.num_warps,
+            scores_per_iter=scores, flops_per_score=per_score)
         n_spills = getattr(md, "n_spills", None)   # only filled when a GPU loaded the binary
         if n_spills:
             res.spills = True
@@ -340,12 +359,13 @@ def load_specs(entry: str) -> list:
 def representative(specs: list) -> list[int]:
     """Indices of a small subset that still compiles every kernel function in every mode.
 
-    Per (kernel function, expect_wgmma) group: its first and last spec (the launchers list
+    Per (kernel function, expect_wgmma, archs) group: its first and last spec (the launchers list
     configurations from small to large tiles / head dims, so that is the cheapest and the
     most register-hungry one)."""
     groups: dict = {}
     for i, s in enumerate(specs):
-        groups.setdefault((getattr(s.fn, "__name__", repr(s.fn)), s.expect_wgmma), []).append(i)
+        key = (getattr(s.fn, "__name__", repr(s.fn)), s.expect_wgmma, tuple(getattr(s, "archs", ARCHS)))
+        groups.setdefault(key, []).append(i)
     return sorted({i for idx in groups.values() for i in (idx[0], idx[-1])})
 
 
@@ -400,7 +420,8 @@ def run(modules: Iterable[str] = KERNEL_MODULES, archs: Iterable[int] = ARCHS, *
             if name_filter and not re.search(name_filter, specs[i].name):
                 continue
             for a in archs:
-                tasks.append((entry, i, a))
+                if a in getattr(specs[i], "archs", ARCHS):  # a spec compiles only for the archs it ships for
+                    tasks.append((entry, i, a))
     jobs = max(1, min(jobs or os.cpu_count() or 1, len(tasks) or 1))
     order = {t: n for n, t in enumerate(tasks)}
     done: dict = {}

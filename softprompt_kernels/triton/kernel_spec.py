@@ -22,6 +22,11 @@ class KernelSpec:
     constexprs:  ``{arg_name: value}`` for every ``tl.constexpr`` argument.
     num_warps, num_stages: launch options.
     expect_wgmma: the sm_90 PTX must contain ``wgmma`` (main fp16/bf16 GEMM kernels).
+    archs:       the archs the spec ships for (its launcher picks it there); the AOT driver
+                 compiles it for those only.
+    divisible:   integer arguments compiled with Triton's divisible-by-16 hint
+                 (``tt.divisibility = 16``), as a launch specialises them when their value is a
+                 multiple of 16 (element strides of 16-element-aligned rows).
     """
 
     name: str
@@ -31,3 +36,5 @@ class KernelSpec:
     num_warps: int = 4
     num_stages: int = 2
     expect_wgmma: bool = False
+    archs: tuple = (80, 90)
+    divisible: tuple = field(default=(), hash=False)

@@ -19,17 +19,14 @@ What is fuzzed (strategies in ``strategies.py``):
   dtype incl. float64; random sequences of parameter writes (``.data`` included)
   interleaved with eval calls: the cached output always equals a fresh computation.
 
-Budgets.  The default profile ``ci`` (loaded by ``tests/fuzz/conftest.py``) is
+Budgets.  The default profile ``ci`` (registered and loaded by ``tests/conftest.py``) is
 deadline-free and derandomized (the same examples on every run, so CI is not flaky);
 per test it runs ``TORCH_EXAMPLES`` torch-backend examples and ``TRITON_EXAMPLES``
-Triton-interpreter examples (``conftest.py``), sized so that the whole directory
+Triton-interpreter examples (``strategies.py``), sized so that the whole directory
 takes well under 60 s on 2 cores.  Deep runs::
 
-    PYTHONPATH=. python -m pytest tests/fuzz --hypothesis-profile=long   # 20x the examples, random seeds
-    SOFTPROMPT_FUZZ_PROFILE=long python -m pytest tests                  # same, from the top-level tests dir
-
-(``--hypothesis-profile`` needs ``tests/fuzz`` on the command line so that this
-package's conftest registers the profile before hypothesis reads the option.)
+    python -m pytest tests/fuzz --hypothesis-profile=long   # 20x the examples, random seeds
+    SOFTPROMPT_FUZZ_PROFILE=long python -m pytest tests     # the same through the environment
 
 A failure prints hypothesis' minimal falsifying case and, through ``note``, a
 self-contained repro (``case.repro()``: the shapes, layouts and seed to rebuild the

@@ -1,0 +1,36 @@
+"""Memory layouts the prefix-attention op returns, shared by every backend.
+
+* ``out`` is ``[B, Hq, L, D]`` as a view of ``[B, L, Hq, D]`` storage: the layout a Hugging
+  Face attention module reshapes into ``[B, L, Hq * D]``, so ``out.transpose(1, 2)`` is
+  contiguous and the integration makes no copy.
+* ``dq, dk, dv`` (and the prefix gradients) come back with the strides of ``q, k, v`` (of
+  the prefix) when those are dense, possibly permuted (``torch.empty_like``'s rule), so the
+  gradient flows back through the caller's ``view(...).transpose(...)`` without a copy.
+
+A backend that allocates its results with ``empty_output`` / ``gradient_like`` is never
+copied; the op layer (``conform``) copies any other layout, so the strides always match the
+fake (meta) implementation that ``torch.compile`` traces with.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def empty_output(q: Tensor) -> Tensor:
+    """Uninitialised ``[B, Hq, L, D]`` view of ``[B, L, Hq, D]`` storage, q's dtype and device."""
+    B, Hq, L, D = q.shape
+    return q.new_empty(B, L, Hq, D).transpose(1, 2)
+
+
+def gradient_like(x: Tensor) -> Tensor:
+    """Uninitialised tensor shaped like ``x``, with ``x``'s strides when ``x`` is dense."""
+    return torch.empty_like(x, memory_format=torch.preserve_format)
+
+
+def conform(t: Tensor, template: Tensor) -> Tensor:
+    """``t`` if it has ``template``'s strides, else ``t`` copied into ``template`` (same shape)."""
+    if t.stride() == template.stride():
+        return t
+    template.copy_(t)
+    return template

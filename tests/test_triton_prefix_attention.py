@@ -13,6 +13,7 @@ import torch
 from softprompt_kernels.reference import prefix_attention_reference
 from softprompt_kernels.testing import compare
 from softprompt_kernels.triton import prefix_attention as tpa
+from softprompt_kernels.triton import prefix_attention_bwd as tbwd
 from softprompt_kernels.triton import prefix_attention_fwd as tfwd
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
@@ -21,7 +22,7 @@ HEAD_DIMS = (16, 40, 64, 80, 96, 128, 256)
 
 @pytest.fixture(autouse=True)
 def poisoned_empty(monkeypatch):
-    """torch.empty returns NaN-filled floating tensors (and 0x7f-filled integer ones) in these tests."""
+    """torch.empty / empty_like return NaN-filled floating tensors (torch.empty: 0x7f-filled integer ones) here."""
     real_empty = torch.empty
 
     def empty(*args, **kwargs):
@@ -32,7 +33,16 @@ def poisoned_empty(monkeypatch):
             t.fill_(0x7F)
         return t
 
+    real_empty_like = torch.empty_like
+
+    def empty_like(*args, **kwargs):
+        t = real_empty_like(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
     monkeypatch.setattr(torch, "empty", empty)
+    monkeypatch.setattr(torch, "empty_like", empty_like)
     yield
 
 
@@ -110,8 +120,8 @@ def reference_run(c, to_dtype=None, *, dropout_p=0.0, dropout_mask=None):
     return out, lse, grads
 
 
-def check_case(c, *, dropout_p=0.0, seed=0):
-    out, lse, grads = kernel_run(c, dropout_p=dropout_p, seed=seed)
+def check_case(c, *, dropout_p=0.0, seed=0, deterministic=True):
+    out, lse, grads = kernel_run(c, dropout_p=dropout_p, seed=seed, deterministic=deterministic)
     mask = None
     if dropout_p > 0:
         q, k = c["q"], c["k"]
@@ -452,10 +462,9 @@ def test_aot_specs_cover_every_launch_choice():
     assert len(names) == len(set(names))
     for dt in ("fp16", "bf16", "fp32"):
         for bd in tfwd.BLOCK_DS:
-            for kind in ("fwd", "bwd_dkdv", "bwd_dq"):
-                for arch in (80, 90):
-                    assert any(s.name.startswith(f"prefix_attn_{kind}[d={bd},{dt}") and arch in s.archs
-                               for s in specs), (kind, bd, dt, arch)
+            for arch in (80, 90):
+                assert any(s.name.startswith(f"prefix_attn_fwd[d={bd},{dt}") and arch in s.archs
+                           for s in specs), (bd, dt, arch)
     # the forward ships one tile per (arch, dtype family, BLOCK_D): its specs compile that tile for that arch
     dt_of = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
     for s in specs:
@@ -467,11 +476,27 @@ def test_aot_specs_cover_every_launch_choice():
             table = tfwd.FWD_MASKED_TILES if tfwd.masked_launch(c) else tfwd.FWD_TILES
             assert (c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages) == \
                 table[arch][(tfwd.family(dt_of[dt]), int(bd))]
-    # every 16-bit GEMM kernel must get wgmma on sm_90 except the d=256 dK/dV one, whose 32-key
-    # tiles (needed for zero spills) are below wgmma's 64-row minimum
+    # every 16-bit forward kernel must get wgmma on sm_90
     for s in specs:
-        main = ("fp16" in s.name or "bf16" in s.name) and any(k in s.name for k in ("_fwd[", "_dkdv[", "_dq["))
-        assert s.expect_wgmma == (main and "dkdv[d=256" not in s.name), s.name
+        if s.name.startswith("prefix_attn_fwd["):
+            assert s.expect_wgmma == ("fp16" in s.name or "bf16" in s.name), s.name
+
+    # the backward: every (arch, kernel, dtype, BLOCK_D, variant) the launcher can pick
+    for dt in ("fp16", "bf16", "fp32"):
+        for bd in tfwd.BLOCK_DS:
+            for arch in tbwd.ARCHS:
+                tag = tbwd.spec_tag(arch)
+                for var in tbwd.BWD_VARIANTS:
+                    for kind in ("dq", "dkdv", "dkdv_prefix"):
+                        assert f"prefix_attn_bwd_{kind}[{tag},d={bd},{dt},{var}]" in names
+                        if (dt != "fp32" and kind != "dq") or kind == "dkdv_prefix":
+                            assert f"prefix_attn_bwd_{kind}[{tag},d={bd},{dt},{var},atomic]" in names
+                    if dt != "fp32":
+                        assert f"prefix_attn_bwd_stats[{tag},d={bd},{dt},{var}]" in names
+    # every 16-bit backward GEMM kernel with d <= 128 must get wgmma on sm_90 (the AOT test checks the PTX)
+    for s in specs:
+        if "bwd" in s.name and "reduce" not in s.name and "fp32" not in s.name and "d=256" not in s.name:
+            assert s.expect_wgmma, s.name
 
 
 def test_forward_tile_tables():
@@ -484,3 +509,136 @@ def test_forward_tile_tables():
         assert tfwd.fwd_config(torch.float16, bd, 90, masked=True) == tfwd.FWD_MASKED_TILES[90][("16", bd)]
     assert tfwd.fwd_config(torch.bfloat16, 128, None) == tfwd.CPU_TILES["16"]
     assert tfwd.device_arch("cpu") is None
+
+
+# ----------------------------------------------------------------------------- backward variants
+@pytest.mark.parametrize("dtype", list(DTYPES))
+@pytest.mark.parametrize("i", range(4))
+def test_atomic_mode_random_cases(dtype, i):
+    """deterministic=False (16-bit: dQ by fp32 atomics inside the dK/dV pass; prefix grads by atomics)
+    under the same 2x rule, every feature drawn at random."""
+    check_case(make_case(2000 + i, DTYPES[dtype], mask=bool(i % 2)), dropout_p=0.2 if i == 3 else 0.0, seed=5,
+               deterministic=False)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("form", ["shared", "task"])
+def test_prefix_rows_split_over_chunks(monkeypatch, form, deterministic):
+    """Few target programs: each task's rows split over several chunks (fp32 partials + ordered
+    reduction, or atomics), a task no row uses gets exact zeros; repeat runs give the same bits."""
+    monkeypatch.setattr(tbwd, "PREFIX_PROGRAMS", 1)
+    c = make_case(24, torch.bfloat16, P=19, form=form, B=5, D=40, L=10, S=13, Hkv=1, group=2, causal=True, mask=True)
+    if form == "task":
+        c["pk"], c["pv"] = (torch.cat([t, t[:1]]) for t in (c["pk"], c["pv"]))  # task T-1: no row
+    _, _, g1 = check_case(c, deterministic=deterministic)
+    if form == "task":
+        assert (g1[3][-1] == 0).all() and (g1[4][-1] == 0).all()
+    if deterministic:
+        _, _, g2 = kernel_run(c)
+        assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+
+
+def test_shipped_sm90_tiles_under_the_interpreter(monkeypatch):
+    """The interpreter runs the sm_90 tiles by default; also run a case over several key and query blocks
+    of them with every feature on (bf16, D=128: the (32, 128) dK/dV tile)."""
+    assert tbwd.bwd_config("dkdv", torch.bfloat16, 128, None) == tbwd.BWD_TILES[90][("16", 128)]["dkdv"]
+    c = make_case(25, torch.bfloat16, P=130, D=128, L=70, S=140, B=1, Hkv=1, group=2, causal=True, mask=True,
+                  form="shared")
+    check_case(c, dropout_p=0.1, seed=4, deterministic=False)
+
+
+@pytest.mark.parametrize("D,deterministic", [(64, True), (128, False)])
+def test_shipped_sm80_tiles_under_the_interpreter(monkeypatch, D, deterministic):
+    """The sm_80 tiles (own table: no wgmma, narrower) over several key and query blocks, every feature on."""
+    monkeypatch.setattr(tbwd, "device_arch", lambda device: 80)
+    assert tbwd.BWD_TILES[80] != tbwd.BWD_TILES[90]
+    c = make_case(27, torch.bfloat16, P=70, D=D, L=70, S=75, B=1, Hkv=1, group=2, causal=True, mask=True,
+                  form="shared")
+    check_case(c, dropout_p=0.1, seed=5, deterministic=deterministic)
+
+
+def test_gradients_keep_the_input_layouts():
+    """dq/dk/dv come back with the strides of dense permuted q/k/v ([B, L, H, D] storage) and contiguous
+    for non-dense inputs (a head-dim slice of a wider buffer)."""
+    rng = np.random.default_rng(26)
+    c = make_case(26, torch.float16, P=5, D=64, L=9, S=11, B=2, Hkv=2, group=2)
+    c["q"], c["k"], c["v"] = (_tensor(rng, tuple(t.shape), torch.float16, lay)
+                              for t, lay in ((c["q"], "bxhd"), (c["k"], "bxhd"), (c["v"], "wide")))
+    _, _, (dq, dk, dv, _, _) = check_case(c)
+    assert dq.stride() == c["q"].stride() and dk.stride() == c["k"].stride()
+    assert dv.is_contiguous()
+
+
+# ----------------------------------------------------------------------------- issue 10: non-finite inputs
+def _backward_only(c, *, deterministic=True, **over):
+    """Backward on ``c`` with some inputs replaced (``over``), forward statistics from ``c`` itself."""
+    out, lse = tpa.attention_forward(c["q"], c["k"], c["v"], c["pk"], c["pv"], c["idx"], c["kpm"],
+                                     causal=c["causal"], scale=c["scale"], dropout_p=0.0, seed=0)
+    x = dict(c, **over)
+    return tpa.attention_backward(x["dout"], x["q"], x["k"], x["v"], x["pk"], x["pv"], x["idx"], x["kpm"],
+                                  out, lse, causal=c["causal"], scale=c["scale"], dropout_p=0.0, seed=0,
+                                  deterministic=deterministic)
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+def test_nonfinite_padded_keys_values_contribute_nothing(dtype, deterministic):
+    """NaN / inf in key-padding-masked keys and values change no gradient bit (also with no prefix)."""
+    for P in (7, 0):
+        c = make_case(27 + P, DTYPES[dtype], P=P, D=40, L=12, S=20, B=2, Hkv=1, group=2, causal=False, mask=True)
+        c["kpm"][:, 3] = False
+        clean = _backward_only(c, deterministic=deterministic)
+        pad = ~c["kpm"][:, None, :, None]
+        bad_k = torch.where(pad, torch.tensor(float("nan"), dtype=c["k"].dtype), c["k"])
+        bad_v = torch.where(pad, torch.tensor(float("inf"), dtype=c["v"].dtype), c["v"])
+        dirty = _backward_only(c, deterministic=deterministic, k=bad_k, v=bad_v)
+        for name, a, b in zip(("dq", "dk", "dv", "dpk", "dpv"), clean, dirty):
+            if a is None:
+                continue
+            assert not torch.isnan(b).any(), name
+            assert torch.equal(a, b) if deterministic else torch.allclose(a, b, rtol=1e-5, atol=1e-6), name
+
+
+def test_nan_in_a_visible_score_stays_in_its_row():
+    c = make_case(29, torch.float16, P=4, D=32, L=6, S=8, B=2, Hkv=1, group=1, causal=False, mask=False,
+                  form="row")
+    q = c["q"].clone()
+    q[1, 0, 2, 5] = float("nan")
+    c["q"] = q
+    out, lse = tpa.attention_forward(q, c["k"], c["v"], c["pk"], c["pv"], c["idx"], None,
+                                     causal=False, scale=c["scale"], dropout_p=0.0, seed=0)
+    dq, dk, dv, dpk, dpv = tpa.attention_backward(c["dout"], q, c["k"], c["v"], c["pk"], c["pv"], c["idx"], None,
+                                                  out, lse, causal=False, scale=c["scale"], dropout_p=0.0,
+                                                  seed=0, deterministic=True)
+    assert torch.isnan(dq[1, 0, 2]).all()
+    assert torch.isfinite(dq[0]).all() and torch.isfinite(dq[1, 0, :2]).all() and torch.isfinite(dq[1, 0, 3:]).all()
+    assert torch.isnan(dk[1]).all() and torch.isfinite(dk[0]).all()
+    assert torch.isnan(dpk[1]).all() and torch.isfinite(dpk[0]).all()
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_out_of_range_prefix_index_is_clamped_in_backward_kernels(deterministic):
+    """The kernels never read outside the prefix tensors whatever prefix_index holds (clamped to [0, T))."""
+    c = make_case(30, torch.float16, P=9, D=32, L=7, S=9, B=3, Hkv=1, group=1, form="task")
+    T = c["pk"].shape[0]
+    wild = torch.tensor([-3, T + 5, 2**40], dtype=torch.int64)
+    clamped = wild.clamp(0, T - 1)
+    ref = _backward_only(dict(c, idx=clamped), deterministic=deterministic)
+    got = _backward_only(dict(c, idx=clamped), deterministic=deterministic, idx=wild)
+    for a, b in zip(ref, got):
+        assert torch.equal(a, b)
+
+
+def test_backward_fake_matches_the_layouts_the_backend_returns():
+    """The registered fake of the backward op gives dq/dk/dv the strides the Triton backend returns
+    (torch.compile trusts the fake's strides)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    c = make_case(31, torch.float16, P=0, D=64, L=5, S=7, B=2, Hkv=1, group=2)
+    q = c["q"].transpose(1, 2).contiguous().transpose(1, 2)  # [B, L, H, D] storage
+    with FakeTensorMode() as mode:
+        fq, fk, fv, fo = (mode.from_tensor(t) for t in (q, c["k"], c["v"], c["dout"]))
+        lse = torch.empty(q.shape[:3], dtype=torch.float32)
+        g = torch.ops.softprompt_kernels.prefix_attention_bwd(fo, fq, fk, fv, None, None, None, None, None, fo,
+                                                              lse, False, 0.125, 0.0, True, "triton")
+    assert g[0].stride() == q.stride() and g[1].stride() == c["k"].stride()

@@ -3,7 +3,8 @@
 Inputs as in the forward (any strides) plus dout [B, Hq, L, D] and lse [B, Hq, L] float32 (natural log,
 -inf for a row that sees nothing).  ``out`` is not read: Delta_i = sum_j P_ij dP_ij is recomputed from
 the probabilities (rowsum(dO * O) from the rounded 16-bit O misses the 2x rule on peaked softmaxes).
-Outputs dq, dk, dv in the layouts of q, k, v (``torch.empty_like``); prefix grads [T, Hkv, P, D].
+Outputs dq, dk, dv in the layouts of q, k, v and prefix grads [T, Hkv, P, D] in those of prefix_k,
+prefix_v (``ops.layout.gradient_like``).
 
 Passes:
   16-bit, deterministic:  _attn_bwd_dq (per query tile: Delta, then dQ; 3 + 2 GEMMs) -> dK/dV kernels (4).
@@ -31,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops.layout import gradient_like
 from .kernel_spec import KernelSpec
 from .prefix_attention_fwd import (
     _TL_DTYPES,
@@ -811,14 +813,15 @@ def _chunk_table(prefix_index, T: int, B: int, R: int, n_chunks: int):
 
 def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *,
                        causal: bool, scale: float, dropout_p: float, seed: int, deterministic: bool):
-    """Returns (dq, dk, dv, dprefix_k, dprefix_v): dq/dk/dv in the layouts of q/k/v (torch.empty_like),
-    prefix grads [T, Hkv, P, D] in the prefix dtype, or None without a prefix.  ``out`` is unused."""
+    """Returns (dq, dk, dv, dprefix_k, dprefix_v) in the layouts of q, k, v, prefix_k, prefix_v
+    (ops.layout.gradient_like); prefix grads [T, Hkv, P, D], or None without a prefix.  ``out`` is unused."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     dev = q.device
     P = 0 if prefix_k is None else prefix_k.shape[2]
     T = 0 if prefix_k is None else prefix_k.shape[0]
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = gradient_like(q), gradient_like(k), gradient_like(v)
+    pk_in, pv_in = prefix_k, prefix_v  # the caller's tensors (align_inputs may copy): their layouts
     if L == 0 or B == 0 or Hq == 0 or (prefix_k is not None and P == 0):
         if L == 0 or B == 0 or Hq == 0:
             dq.zero_(), dk.zero_(), dv.zero_()
@@ -911,7 +914,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
             blk, w, st = REDUCE_CONFIG
             _prefix_reduce[(T * Hkv, triton.cdiv(P * D, blk))](
                 dpk_o, dpv_o, first, part_first, T, Hkv, P * D, BLOCK=blk, num_warps=w, num_stages=st)
-        dpk, dpv = dpk_o[:T].to(prefix_k.dtype), dpv_o[:T].to(prefix_v.dtype)
+        dpk, dpv = gradient_like(pk_in).copy_(dpk_o[:T]), gradient_like(pv_in).copy_(dpv_o[:T])
     if atomic_dq:
         dq_w.copy_(dqa.mul_(scale))
     for o, w_ in ((dq, dq_w), (dk, dk_w), (dv, dv_w)):

@@ -138,12 +138,17 @@ def _q_loop(dq, dsum, m_i, l_i, q, do, lse, rowl, delta, k_ptrs, v_ptrs, s_kn, s
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         if MASKED:
-            kv_ok = cols < n_valid
+            col_ok = cols < n_valid
+            # K / V loads masked by the column bound only (a padding-mask-dependent load mask on the
+            # operands of the fp64 score products breaks triton 3.6's MMA lowering): every product a
+            # padded key or value enters (S, dP) is tl.where-ed away, and dQ += dS @ K takes a copy of
+            # K with padded keys zeroed
+            k = _ld(k_ptrs, col_ok, d_ok, True, EVEN_D)
+            v = _ld(v_ptrs, col_ok, d_ok, True, EVEN_D)
+            kv_ok = col_ok
             if HAS_MASK:
-                km = tl.load(kpm_ptr + cols.to(tl.int64) * s_ms, mask=kv_ok, other=0)
-                kv_ok = kv_ok & (km != 0)
-            k = _ld(k_ptrs, kv_ok, d_ok, True, EVEN_D)
-            v = _ld(v_ptrs, kv_ok, d_ok, True, EVEN_D)
+                km = tl.load(kpm_ptr + cols.to(tl.int64) * s_ms, mask=col_ok, other=0)
+                kv_ok = col_ok & (km != 0)
             vis = kv_ok[None, :]
             if CAUSAL:
                 vis = vis & (cols[None, :] <= offs_m[:, None] + vis_off)
@@ -180,9 +185,12 @@ def _q_loop(dq, dsum, m_i, l_i, q, do, lse, rowl, delta, k_ptrs, v_ptrs, s_kn, s
                 dsum += tl.sum(pdp, 1)
             else:
                 ds = p * (dp - delta[:, None])
+                kd = k
                 if MASKED:
                     ds = tl.where(vis, ds, 0.0)
-                dq = _mma(ds.to(k.dtype), k, dq, IEEE)
+                    if HAS_MASK:
+                        kd = tl.where(kv_ok[:, None], k, 0.0)  # 0 * NaN: a padded key adds nothing
+                dq = _mma(ds.to(k.dtype), kd, dq, IEEE)
         k_ptrs += BLOCK_N * s_kn
         v_ptrs += BLOCK_N * s_vn
     return dq, dsum, m_i, l_i
@@ -330,12 +338,13 @@ def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, LseS, RowL, Delta, DQ,
 
 # ----------------------------------------------------------------------------- dK / dV
 @triton.jit
-def _kv_loop(dk, dv, k, v, q_ptrs, do_ptrs, dqa_ptrs, s_qm, s_dom, s_dqam, lse_ptr, rowl_ptr, delta_ptr,
+def _kv_loop(dk, dv, k, v, kq, q_ptrs, do_ptrs, dqa_ptrs, s_qm, s_dom, s_dqam, lse_ptr, rowl_ptr, delta_ptr,
              lo, split, hi, L, cols, kv_ok, offs_m, d_ok, vis_off, col_base, qk_scale,
              dropout_p, inv_keep, seed, bh,
              BLOCK_M: tl.constexpr, IEEE: tl.constexpr, CAUSAL: tl.constexpr,
              DROPOUT: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC_DQ: tl.constexpr):
-    """dK, dV (unscaled dK) of one key block (k, v: [BLOCK_N, BLOCK_D], columns cols) over the query blocks
+    """dK, dV (unscaled dK) of one key block (k, v: [BLOCK_N, BLOCK_D], columns cols; kq: k with the
+    padded keys zeroed, the operand of the atomic dQ) over the query blocks
     [lo, hi) of one (b, query head); q_ptrs, do_ptrs, dqa_ptrs: [BLOCK_M, BLOCK_D] at query row 0;
     lse_ptr, rowl_ptr, delta_ptr: that row's [Lp] statistics (padded, read unmasked).  Blocks below
     ``split`` are masked: column j visible to row i iff kv_ok[j] and (CAUSAL) j <= i + vis_off; the
@@ -381,7 +390,7 @@ def _kv_loop(dk, dv, k, v, q_ptrs, do_ptrs, dqa_ptrs, s_qm, s_dom, s_dqam, lse_p
         dsT = dsT.to(q.dtype)
         dk = _mma(dsT, q, dk, IEEE)
         if ATOMIC_DQ:
-            dq = _dot(tl.trans(dsT), k, IEEE)
+            dq = _dot(tl.trans(dsT), kq, IEEE)
             if EVEN_D:
                 tl.atomic_add(dqa_ptrs, dq, mask=row_ok[:, None], sem="relaxed")
             else:
@@ -393,7 +402,7 @@ def _kv_loop(dk, dv, k, v, q_ptrs, do_ptrs, dqa_ptrs, s_qm, s_dom, s_dqam, lse_p
 
 
 @triton.jit
-def _kv_head(dk, dv, k, v, Q, DO, DQA, LseS, RowL, Delta, b64, h, Hq,
+def _kv_head(dk, dv, k, v, kq, Q, DO, DQA, LseS, RowL, Delta, b64, h, Hq,
              s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_dqab, s_dqah, s_dqam,
              lo, split, L, Lp, cols, kv_ok, offs_m, offs_d, d_ok, vis_off, col_base, qk_scale,
              dropout_p, inv_keep, seed,
@@ -408,7 +417,7 @@ def _kv_head(dk, dv, k, v, Q, DO, DQA, LseS, RowL, Delta, b64, h, Hq,
     if ATOMIC_DQ:
         dqa_ptrs = DQA + b64 * s_dqab + h64 * s_dqah + (offs_m[:, None] * s_dqam + offs_d[None, :])
     row = bh.to(tl.int64) * Lp
-    dk, dv = _kv_loop(dk, dv, k, v, q_ptrs, do_ptrs, dqa_ptrs, s_qm, s_dom, s_dqam,
+    dk, dv = _kv_loop(dk, dv, k, v, kq, q_ptrs, do_ptrs, dqa_ptrs, s_qm, s_dom, s_dqam,
                       LseS + row, RowL + row, Delta + row, lo, split, L, L, cols, kv_ok, offs_m, d_ok,
                       vis_off, col_base, qk_scale, dropout_p, inv_keep, seed, bh,
                       BLOCK_M, IEEE, CAUSAL, DROPOUT, EVEN_D, ATOMIC_DQ)
@@ -449,13 +458,18 @@ def _attn_bwd_dkdv(Q, K, V, KPM, DO, LseS, RowL, Delta, DK, DV, DQA,
     cols = n0 + offs_n
     cols64 = cols.to(tl.int64)
     kv_ok = cols < S
-    if HAS_MASK:
-        km = tl.load(KPM + b64 * s_mb + cols64 * s_ms, mask=kv_ok, other=0)
-        kv_ok = kv_ok & (km != 0)
+    # loads masked by the column bound only (see _q_loop); padded keys / values enter only products
+    # that are tl.where-ed away, and the atomic dQ takes K with them zeroed
     k = _ld(K + b64 * s_kb + hk64 * s_kh + (cols64[:, None] * s_kn + offs_d[None, :] * s_kd), kv_ok, d_ok,
             True, EVEN_D)
     v = _ld(V + b64 * s_vb + hk64 * s_vh + (cols64[:, None] * s_vn + offs_d[None, :] * s_vd), kv_ok, d_ok,
             True, EVEN_D)
+    kq = k
+    if HAS_MASK:
+        km = tl.load(KPM + b64 * s_mb + cols64 * s_ms, mask=kv_ok, other=0)
+        kv_ok = kv_ok & (km != 0)
+        if ATOMIC_DQ:
+            kq = tl.where(kv_ok[:, None], k, 0.0)
     vis_off = S - L
     l_ceil = (L + BLOCK_M - 1) // BLOCK_M * BLOCK_M
     m_lo = L * 0
@@ -478,7 +492,7 @@ def _attn_bwd_dkdv(Q, K, V, KPM, DO, LseS, RowL, Delta, DK, DV, DQA,
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for g in range(GROUP):
-        dk, dv = _kv_head(dk, dv, k, v, Q, DO, DQA, LseS, RowL, Delta, b64, hk * GROUP + g, Hq,
+        dk, dv = _kv_head(dk, dv, k, v, kq, Q, DO, DQA, LseS, RowL, Delta, b64, hk * GROUP + g, Hq,
                           s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_dqab, s_dqah, s_dqam,
                           m_lo, m_split, L, Lp, cols, kv_ok, offs_m, offs_d, d_ok, vis_off, P, qk_scale,
                           dropout_p, inv_keep, seed, BLOCK_M, IEEE, CAUSAL, DROPOUT, EVEN_D, ATOMIC_DQ)
@@ -545,7 +559,7 @@ def _attn_bwd_dkdv_prefix(Q, PK, PV, DO, LseS, RowL, Delta, Order, ChunkTask, Ch
     for r in range(r_lo, r_hi):
         b64 = tl.load(Order + r)
         for g in range(GROUP):
-            dk, dv = _kv_head(dk, dv, k, v, Q, DO, DQA, LseS, RowL, Delta, b64, hk * GROUP + g, Hq,
+            dk, dv = _kv_head(dk, dv, k, v, k, Q, DO, DQA, LseS, RowL, Delta, b64, hk * GROUP + g, Hq,
                               s_qb, s_qh, s_qm, s_qd, s_dob, s_doh, s_dom, s_dod, s_dqab, s_dqah, s_dqam,
                               L * 0, m_split, L, Lp, cols, kv_ok, offs_m, offs_d, d_ok, 0, 0, qk_scale,
                               dropout_p, inv_keep, seed, BLOCK_M, IEEE, False, DROPOUT, EVEN_D, ATOMIC_DQ)

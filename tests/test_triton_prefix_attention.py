@@ -488,11 +488,25 @@ def test_aot_specs_cover_every_launch_choice():
                 tag = tbwd.spec_tag(arch)
                 for var in tbwd.BWD_VARIANTS:
                     for kind in ("dq", "dkdv", "dkdv_prefix"):
+                        if kind == "dkdv_prefix" and var == "causal":  # no causal constexpr there
+                            assert f"prefix_attn_bwd_{kind}[{tag},d={bd},{dt},{var}]" not in names
+                            continue
                         assert f"prefix_attn_bwd_{kind}[{tag},d={bd},{dt},{var}]" in names
                         if (dt != "fp32" and kind != "dq") or kind == "dkdv_prefix":
                             assert f"prefix_attn_bwd_{kind}[{tag},d={bd},{dt},{var},atomic]" in names
                     if dt != "fp32":
                         assert f"prefix_attn_bwd_stats[{tag},d={bd},{dt},{var}]" in names
+    # each backward spec compiles the tile the launcher picks for its variant on its archs
+    kinds = {"dq": "dq", "stats": "dq", "dkdv": "dkdv", "dkdv_prefix": "prefix"}
+    for s in specs:
+        if s.name.startswith("prefix_attn_bwd_") and "reduce" not in s.name:
+            kind, rest = s.name[len("prefix_attn_bwd_"):].split("[")
+            _tag, bd, dt, var = rest.rstrip("]").split(",")[:4]
+            k = kinds[kind] + ("_atomic" if s.name.endswith(",atomic]") and kind != "dq" else "")
+            for arch in s.archs:
+                c = s.constexprs
+                assert (c["BLOCK_M"], c["BLOCK_N"], s.num_warps, s.num_stages) == tbwd.bwd_config(
+                    k, dt_of[dt], int(bd[2:]), arch, tbwd.masked_launch(tbwd.BWD_VARIANTS[var])), s.name
     # every 16-bit backward GEMM kernel with d <= 128 must get wgmma on sm_90 (the AOT test checks the PTX)
     for s in specs:
         if ("bwd" in s.name and "reduce" not in s.name and "fp32" not in s.name and "d=256" not in s.name
@@ -543,6 +557,8 @@ def test_shipped_sm90_tiles_under_the_interpreter(monkeypatch):
     """The interpreter runs the sm_90 tiles by default; also run a case over several key and query blocks
     of them with every feature on (bf16, D=128: the (32, 128) dK/dV tile)."""
     assert tbwd.bwd_config("dkdv", torch.bfloat16, 128, None) == tbwd.BWD_TILES[90][("16", 128)]["dkdv"]
+    assert tbwd.bwd_config("dkdv", torch.bfloat16, 128, None, masked=True) == \
+        tbwd.pick_tile(tbwd.BWD_TILES[90][("16", 128)], "dkdv", True)
     c = make_case(25, torch.bfloat16, P=130, D=128, L=70, S=140, B=1, Hkv=1, group=2, causal=True, mask=True,
                   form="shared")
     check_case(c, dropout_p=0.1, seed=4, deterministic=False)

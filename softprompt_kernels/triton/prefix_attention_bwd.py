@@ -613,16 +613,19 @@ def _prefix_reduce(DPK, DPV, FirstChunk, PartFirst, T, Hkv, PD, BLOCK: tl.conste
 # the dQ / statistics kernel; "dkdv" for the sequence dK/dV kernel (BLOCK_M queries, BLOCK_N keys: BLOCK_N
 # is the M dimension of every dK/dV GEMM, >= 64 per warpgroup for wgmma), "dkdv_atomic" for it with the
 # atomic dQ, "prefix" / "prefix_atomic" for the prefix dK/dV kernel (its row-chunk loop nest costs
-# registers: at D = 128 it takes 64 keys over 8 warps).  A missing kind falls back to "dkdv".  Every entry
-# is AOT-compiled (bwd_specs); chosen for zero spills on sm_80 / sm_90 under triton 3.9 and 3.6.
+# registers: at D = 128 it takes 64 keys over 8 warps).  A missing kind falls back to "dkdv".  A masked
+# launch (key padding mask, dropout or a ragged head dim: the inlined Philox and the masks cost
+# registers) takes "<kind>_masked", else (dK/dV kinds) "dkdv_masked", where the table has one (see
+# pick_tile).  Every entry is AOT-compiled (bwd_specs: "plain" / "causal" on the unmasked tiles, "full"
+# on the masked ones); chosen for zero spills on sm_80 / sm_90 under triton 3.9 and 3.6.
 _T16_128 = {"dq": (128, 32, 8, 2), "dkdv": (32, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 1),
-            "prefix": (32, 64, 8, 2), "prefix_atomic": (32, 64, 8, 2), "dkdv_dropout": (32, 64, 8, 2)}
+            "prefix": (32, 64, 8, 2), "prefix_atomic": (32, 64, 8, 2), "dkdv_masked": (32, 64, 8, 2)}
 BWD_TILES = {
     90: {
-        ("16", 32): {"dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2), "dkdv_dropout": (32, 64, 8, 2)},
-        ("16", 64): {"dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2), "dkdv_dropout": (32, 64, 8, 2)},
+        ("16", 32): {"dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2), "dkdv_masked": (32, 64, 8, 2)},
+        ("16", 64): {"dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2), "dkdv_masked": (32, 64, 8, 2)},
         ("16", 128): _T16_128,
-        ("16", 256): {"dq": (64, 16, 8, 2), "dkdv": (32, 64, 8, 1), "dkdv_dropout": (16, 16, 8, 1)},
+        ("16", 256): {"dq": (64, 16, 8, 2), "dkdv": (32, 64, 8, 1), "dkdv_masked": (16, 16, 8, 1)},
         ("32", 32): {"dq": (32, 16, 4, 1), "dkdv": (32, 32, 8, 1)},
         ("32", 64): {"dq": (32, 32, 4, 1), "dkdv": (32, 16, 4, 1)},
         ("32", 128): {"dq": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1)},
@@ -632,8 +635,8 @@ BWD_TILES = {
 KINDS = ("dq", "dkdv", "dkdv_atomic", "prefix", "prefix_atomic")
 # sm_80: no wgmma, mma.sync accumulators live in registers: narrower tiles (zero spills under 3.9 / 3.6).
 BWD_TILES[80] = {
-    ("16", 32): {"dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_dropout": (32, 32, 4, 2)},
-    ("16", 64): {"dq": (64, 32, 4, 2), "dkdv": (64, 32, 4, 2), "dkdv_dropout": (64, 32, 8, 2)},
+    ("16", 32): {"dq": (64, 32, 4, 2), "dkdv": (32, 64, 4, 2), "dkdv_masked": (32, 32, 4, 2)},
+    ("16", 64): {"dq": (64, 32, 4, 2), "dkdv": (64, 32, 4, 2), "dkdv_masked": (64, 32, 8, 2)},
     ("16", 128): {"dq": (32, 64, 8, 1), "dkdv": (64, 32, 8, 2)},
     ("16", 256): {"dq": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1)},
     **{k: v for k, v in BWD_TILES[90].items() if k[0] == "32"},
@@ -642,11 +645,19 @@ ARCHS = tuple(sorted(BWD_TILES))
 REDUCE_CONFIG = (1024, 4, 1)       # BLOCK, warps, stages
 PREFIX_PROGRAMS = 256              # target prefix dK/dV programs (sets the rows per chunk)
 # Feature constexprs of the shipped AOT variants: "plain" (prefix, nothing else: the unmasked hot loops
-# the static targets are about) and "full" (every optional feature on, ragged head dim: most registers).
+# the static targets are about) and "causal" (+ causal) on the unmasked tiles, "full" (every optional
+# feature on, ragged head dim: most registers) on the masked tiles.  The prefix dK/dV kernel has no causal
+# or padding-mask constexpr: "causal" would compile its "plain" again, so it ships "plain" and "full".
 BWD_VARIANTS = {
     "plain": dict(CAUSAL=False, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=True, EVEN_D=True),
+    "causal": dict(CAUSAL=True, HAS_MASK=False, DROPOUT=False, HAS_PREFIX=True, EVEN_D=True),
     "full": dict(CAUSAL=True, HAS_MASK=True, DROPOUT=True, HAS_PREFIX=True, EVEN_D=False),
 }
+
+
+def masked_launch(flags: dict) -> bool:
+    """A launch (feature constexprs) that takes the masked tiles: padding mask, dropout or ragged head dim."""
+    return bool(flags["HAS_MASK"] or flags["DROPOUT"] or not flags["EVEN_D"])
 
 
 def device_arch(device) -> Optional[int]:
@@ -658,19 +669,27 @@ def device_arch(device) -> Optional[int]:
     return 90 if major in (9, 10) else 80
 
 
-def bwd_config(kind: str, dtype: torch.dtype, block_d: int, arch: Optional[int] = 90, dropout: bool = False):
+def pick_tile(tiles: dict, kind: str, masked: bool):
+    """The entry of one BWD_TILES table for ``kind``: masked launches try "<kind>_masked" (then
+    "dkdv_masked" for a dK/dV kind) first; a dK/dV kind without an entry of its own takes "dkdv"."""
+    chain = [kind] if kind == "dq" else [kind, "dkdv"]
+    if masked:
+        chain = [c + "_masked" for c in chain] + chain
+    for c in chain:
+        if c in tiles:
+            return tiles[c]
+    raise KeyError(kind)
+
+
+def bwd_config(kind: str, dtype: torch.dtype, block_d: int, arch: Optional[int] = 90, masked: bool = False):
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) of ``kind`` (see KINDS) on ``arch`` (None: the
-    interpreter, which runs the sm_90 tiles); with dropout every dK/dV kind takes "dkdv_dropout" where the
-    table has it (the inlined Philox costs registers).  CONFIG_OVERRIDE[kind], or CONFIG_OVERRIDE["dkdv"] for
-    every dK/dV kind, replaces it (tests)."""
+    interpreter, which runs the sm_90 tiles) for a masked (see masked_launch) or unmasked launch.
+    CONFIG_OVERRIDE[kind], or CONFIG_OVERRIDE["dkdv"] for every dK/dV kind, replaces it (tests)."""
     if kind in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE[kind]
     if kind != "dq" and "dkdv" in CONFIG_OVERRIDE:
         return CONFIG_OVERRIDE["dkdv"]
-    tiles = BWD_TILES[arch or 90][(family(dtype), block_d)]
-    if dropout and kind != "dq" and "dkdv_dropout" in tiles:
-        return tiles["dkdv_dropout"]
-    return tiles.get(kind, tiles["dkdv"])
+    return pick_tile(BWD_TILES[arch or 90][(family(dtype), block_d)], kind, masked)
 
 
 # Head-dim strides are 1 at every launch (align_inputs for the inputs; the outputs the launcher
@@ -708,7 +727,8 @@ def bwd_specs() -> list[KernelSpec]:
                 tiles = table[(family(dtype), bd)]
                 for vname, var in BWD_VARIANTS.items():
                     feats = dict(IEEE=ieee, EVEN_D=var["EVEN_D"], DROPOUT=var["DROPOUT"])
-                    bm, bn, w, st = tiles["dq"]
+                    masked = masked_launch(var)
+                    bm, bn, w, st = pick_tile(tiles, "dq", masked)
                     for kname, dq_on in (("dq", True), ("stats", False)):
                         if ieee and not dq_on:
                             continue  # fp32 always computes dQ in this pass
@@ -723,7 +743,7 @@ def bwd_specs() -> list[KernelSpec]:
                     for atomic in (False, True):  # deterministic / atomic launches
                         sfx = ",atomic" if atomic else ""
                         if not (ieee and atomic):  # fp32 computes dQ in the dQ pass: no atomic dK/dV kernel
-                            bm, bn, w, st = _spec_tile(tiles, "dkdv_atomic" if atomic else "dkdv", var["DROPOUT"])
+                            bm, bn, w, st = pick_tile(tiles, "dkdv_atomic" if atomic else "dkdv", masked)
                             specs.append(KernelSpec(
                                 name=f"prefix_attn_bwd_dkdv[{atag},d={bd},{tname},{vname}{sfx}]",
                                 fn=_attn_bwd_dkdv, signature=sig_kv, constexprs={
@@ -731,7 +751,9 @@ def bwd_specs() -> list[KernelSpec]:
                                     "HAS_MASK": var["HAS_MASK"], "ATOMIC_DQ": atomic, **_units(_attn_bwd_dkdv)},
                                 num_warps=w, num_stages=st, expect_wgmma=not ieee and bn >= 64,
                                 **_arch_kw(archs, _attn_bwd_dkdv)))
-                        bm, bn, w, st = _spec_tile(tiles, "prefix_atomic" if atomic else "prefix", var["DROPOUT"])
+                        if vname == "causal":
+                            continue  # no causal constexpr in the prefix kernel: same as "plain"
+                        bm, bn, w, st = pick_tile(tiles, "prefix_atomic" if atomic else "prefix", masked)
                         specs.append(KernelSpec(
                             name=f"prefix_attn_bwd_dkdv_prefix[{atag},d={bd},{tname},{vname}{sfx}]",
                             fn=_attn_bwd_dkdv_prefix, signature=sig_pf,
@@ -753,13 +775,6 @@ def bwd_specs() -> list[KernelSpec]:
 BWD_DIVISIBLE = ("s_qb", "s_qh", "s_qm", "s_kb", "s_kh", "s_kn", "s_vb", "s_vh", "s_vn", "s_pkt", "s_pkh",
                  "s_pkn", "s_pvt", "s_pvh", "s_pvn", "s_dob", "s_doh", "s_dom", "s_dqb", "s_dqh", "s_dqm",
                  "s_dkb", "s_dkh", "s_dkn", "s_dvb", "s_dvh", "s_dvn", "s_dqab", "s_dqah", "s_dqam", "s_mb")
-
-
-def _spec_tile(tiles: dict, kind: str, dropout: bool):
-    """The tile bwd_config picks for a dK/dV ``kind`` (same fallbacks)."""
-    if dropout and "dkdv_dropout" in tiles:
-        return tiles["dkdv_dropout"]
-    return tiles.get(kind, tiles["dkdv"])
 
 
 def _spec_tables():
@@ -875,10 +890,10 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     feats = dict(IEEE=ieee, CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
                  EVEN_D=even_d)
     atomic_dq = not deterministic and not ieee
-    qbm, qbn, qw, qst = bwd_config("dq", q.dtype, bd, arch)
-    drop = feats["DROPOUT"]
-    kbm, kbn, kw, kst = bwd_config("dkdv_atomic" if atomic_dq else "dkdv", q.dtype, bd, arch, drop)
-    pbm, pbn, pw, pst = bwd_config("prefix_atomic" if not deterministic else "prefix", q.dtype, bd, arch, drop)
+    masked = masked_launch(feats)
+    qbm, qbn, qw, qst = bwd_config("dq", q.dtype, bd, arch, masked)
+    kbm, kbn, kw, kst = bwd_config("dkdv_atomic" if atomic_dq else "dkdv", q.dtype, bd, arch, masked)
+    pbm, pbn, pw, pst = bwd_config("prefix_atomic" if not deterministic else "prefix", q.dtype, bd, arch, masked)
     lpad = max(qbm, kbm, pbm)
     Lp = triton.cdiv(L, lpad) * lpad
     lse_s = torch.empty((B * Hq, Lp), dtype=f32, device=dev)

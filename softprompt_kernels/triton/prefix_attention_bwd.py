@@ -619,13 +619,17 @@ def _prefix_reduce(DPK, DPV, FirstChunk, PartFirst, T, Hkv, PD, BLOCK: tl.conste
 # pick_tile).  Every entry is AOT-compiled (bwd_specs: "plain" / "causal" on the unmasked tiles, "full"
 # on the masked ones); chosen for zero spills on sm_80 / sm_90 under triton 3.9 and 3.6.
 _T16_128 = {"dq": (128, 32, 8, 2), "dkdv": (32, 128, 8, 2), "dkdv_atomic": (32, 128, 8, 1),
-            "prefix": (32, 64, 8, 2), "prefix_atomic": (32, 64, 8, 2), "dkdv_masked": (32, 64, 8, 2)}
+            "prefix": (32, 64, 8, 2), "prefix_atomic": (32, 64, 8, 2), "dkdv_masked": (32, 64, 8, 2),
+            "dkdv_atomic_masked": (32, 64, 8, 1), "prefix_atomic_masked": (32, 64, 8, 1)}
 BWD_TILES = {
     90: {
         ("16", 32): {"dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2), "dkdv_masked": (32, 64, 8, 2)},
-        ("16", 64): {"dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2), "dkdv_masked": (32, 64, 8, 2)},
+        ("16", 64): {"dq": (64, 64, 4, 2), "dq_masked": (64, 32, 4, 2), "dkdv": (64, 128, 8, 2),
+                     "dkdv_masked": (32, 64, 8, 2)},
         ("16", 128): _T16_128,
-        ("16", 256): {"dq": (64, 16, 8, 2), "dkdv": (32, 64, 8, 1), "dkdv_masked": (16, 16, 8, 1)},
+        ("16", 256): {"dq": (16, 32, 4, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 64, 8, 1),
+                      "dkdv_atomic": (32, 32, 8, 1), "prefix": (32, 32, 8, 1), "prefix_atomic": (32, 32, 8, 1),
+                      "dkdv_masked": (16, 16, 8, 1), "prefix_masked": (16, 32, 8, 1)},
         ("32", 32): {"dq": (32, 16, 4, 1), "dkdv": (32, 32, 8, 1)},
         ("32", 64): {"dq": (32, 32, 4, 1), "dkdv": (32, 16, 4, 1)},
         ("32", 128): {"dq": (32, 16, 8, 1), "dkdv": (16, 16, 8, 1)},

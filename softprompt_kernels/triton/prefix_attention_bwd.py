@@ -646,6 +646,9 @@ BWD_TILES[80] = {
     ("16", 256): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (16, 16, 8, 1),
                   "dkdv_masked": (32, 16, 8, 1)},
     **{k: v for k, v in BWD_TILES[90].items() if k[0] == "32"},
+    # fp32 on sm_80: the sm_90 tiles except where they spill there (masked dK/dV at d = 32 and 256)
+    ("32", 32): {**BWD_TILES[90][("32", 32)], "dkdv_masked": (32, 32, 8, 2)},
+    ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1)},
 }
 ARCHS = tuple(sorted(BWD_TILES))
 REDUCE_CONFIG = (1024, 4, 1)       # BLOCK, warps, stages

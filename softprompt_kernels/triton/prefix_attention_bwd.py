@@ -625,7 +625,7 @@ BWD_TILES = {
     90: {
         ("16", 32): {"dq": (64, 64, 4, 2), "dkdv": (64, 128, 8, 2), "dkdv_masked": (32, 64, 8, 2)},
         ("16", 64): {"dq": (64, 64, 4, 2), "dq_masked": (64, 32, 4, 2), "dkdv": (64, 128, 8, 2),
-                     "dkdv_masked": (32, 64, 8, 2)},
+                     "dkdv_atomic": (64, 128, 8, 1), "dkdv_masked": (32, 64, 8, 2)},
         ("16", 128): _T16_128,
         ("16", 256): {"dq": (16, 32, 4, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 64, 8, 1),
                       "dkdv_atomic": (32, 32, 8, 1), "prefix": (32, 32, 8, 1), "prefix_atomic": (32, 32, 8, 1),
@@ -640,11 +640,15 @@ BWD_TILES = {
 KINDS = ("dq", "dkdv", "dkdv_atomic", "prefix", "prefix_atomic")
 # sm_80: no wgmma, mma.sync accumulators live in registers: narrower tiles (zero spills under 3.9 / 3.6).
 BWD_TILES[80] = {
-    ("16", 32): {"dq": (64, 32, 4, 3), "dkdv": (32, 64, 4, 1), "dkdv_masked": (32, 32, 4, 2)},
-    ("16", 64): {"dq": (64, 32, 8, 2), "dkdv": (64, 32, 4, 2), "dkdv_masked": (64, 32, 8, 2)},
-    ("16", 128): {"dq": (32, 64, 8, 1), "dkdv": (64, 32, 8, 2)},
-    ("16", 256): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (16, 16, 8, 1),
-                  "dkdv_masked": (32, 16, 8, 1)},
+    ("16", 32): {"dq": (32, 32, 4, 2), "dq_masked": (64, 32, 4, 2), "dkdv": (32, 64, 4, 1),
+                 "dkdv_atomic": (32, 64, 4, 2), "prefix": (32, 64, 4, 2), "prefix_atomic": (32, 64, 4, 2),
+                 "dkdv_masked": (32, 32, 4, 2)},
+    ("16", 64): {"dq": (64, 32, 4, 1), "dq_masked": (64, 32, 4, 2), "dkdv": (64, 32, 4, 2),
+                 "prefix": (32, 32, 4, 2), "dkdv_masked": (64, 32, 8, 2)},
+    ("16", 128): {"dq": (32, 64, 8, 1), "dkdv": (64, 32, 8, 2), "dkdv_atomic_masked": (32, 32, 8, 2),
+                  "prefix_atomic_masked": (32, 32, 8, 2)},
+    ("16", 256): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 32, 8, 1),
+                  "dkdv_masked": (16, 32, 8, 1), "prefix_atomic_masked": (16, 16, 8, 2)},
     **{k: v for k, v in BWD_TILES[90].items() if k[0] == "32"},
     # fp32 on sm_80: the sm_90 tiles except where they spill there (masked dK/dV at d = 32 and 256)
     ("32", 32): {**BWD_TILES[90][("32", 32)], "dkdv_masked": (32, 32, 8, 2)},

@@ -633,8 +633,7 @@ BWD_TILES = {
         ("32", 32): {"dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
         ("32", 64): {"dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
         ("32", 128): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 4, 1), "dkdv": (16, 16, 8, 1)},
-        ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1), "dkdv_masked": (64, 16, 8, 1),
-                      "prefix_masked": (32, 16, 8, 1), "prefix_atomic_masked": (32, 16, 8, 1)},
+        ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1)},
     },
 }
 KINDS = ("dq", "dkdv", "dkdv_atomic", "prefix", "prefix_atomic")
@@ -650,9 +649,8 @@ BWD_TILES[80] = {
     ("16", 256): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 32, 8, 1),
                   "dkdv_masked": (16, 32, 8, 1), "prefix_atomic_masked": (16, 16, 8, 2)},
     **{k: v for k, v in BWD_TILES[90].items() if k[0] == "32"},
-    # fp32 on sm_80: the sm_90 tiles except where they spill there (masked dK/dV at d = 32 and 256)
+    # fp32 on sm_80: the sm_90 tiles except where they spill there (masked dK/dV at d = 32)
     ("32", 32): {**BWD_TILES[90][("32", 32)], "dkdv_masked": (32, 32, 8, 2)},
-    ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1)},
 }
 ARCHS = tuple(sorted(BWD_TILES))
 REDUCE_CONFIG = (1024, 4, 1)       # BLOCK, warps, stages

@@ -630,8 +630,8 @@ BWD_TILES = {
         ("16", 256): {"dq": (16, 32, 4, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 64, 8, 1),
                       "dkdv_atomic": (32, 32, 8, 1), "prefix": (32, 32, 8, 1), "prefix_atomic": (32, 32, 8, 1),
                       "dkdv_masked": (16, 16, 8, 1), "prefix_masked": (16, 32, 8, 1)},
-        ("32", 32): {"dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
-        ("32", 64): {"dq": (32, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
+        ("32", 32): {"dq": (32, 16, 8, 1), "dkdv": (16, 32, 4, 1)},
+        ("32", 64): {"dq": (16, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
         ("32", 128): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 4, 1), "dkdv": (16, 16, 8, 1)},
         ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1)},
     },
@@ -648,9 +648,12 @@ BWD_TILES[80] = {
                   "prefix_atomic_masked": (32, 32, 8, 2)},
     ("16", 256): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 32, 8, 1),
                   "dkdv_masked": (16, 32, 8, 1), "prefix_atomic_masked": (16, 16, 8, 2)},
-    **{k: v for k, v in BWD_TILES[90].items() if k[0] == "32"},
-    # fp32 on sm_80: the sm_90 tiles except where they spill there (masked dK/dV at d = 32)
-    ("32", 32): {**BWD_TILES[90][("32", 32)], "dkdv_masked": (32, 32, 8, 2)},
+    # fp32 (fp64 score products): own sm_80 entries, zero spills under triton 3.9 and 3.6 on every
+    # variant except the masked d = 256 dQ ("full" spills 112 B under 3.6; no tile tried avoids it)
+    ("32", 32): {"dq": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1)},
+    ("32", 64): {"dq": (16, 16, 4, 1), "dkdv": (32, 16, 4, 1), "dkdv_masked": (16, 16, 8, 2)},
+    ("32", 128): {"dq": (16, 32, 8, 1), "dkdv": (16, 16, 8, 1)},
+    ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1)},
 }
 ARCHS = tuple(sorted(BWD_TILES))
 REDUCE_CONFIG = (1024, 4, 1)       # BLOCK, warps, stages

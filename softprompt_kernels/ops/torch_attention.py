@@ -10,7 +10,12 @@ kernel ``aten._scaled_dot_product_flash_attention_for_cpu`` (what
 by their log-sum-exp:
 
 * non-causal: one call on the concatenated ``[prefix, keys]`` (K/V copied, a ``[B, 1, 1,
-  P + S]`` mask row for padding); causal: a prefix part and a sequence part.
+  P + S]`` mask row for padding). Causal with a prefix and ``P + S <= _JOINT_CAUSAL_KEYS``
+  (mask within ``_DENSE_MASK_ELEMENTS``): also one call on ``[prefix, keys]``, with a dense
+  additive ``[B | 1, 1, L, P + S]`` mask (the kernel works in key blocks of ~512, so
+  ``is_causal`` skips nothing at these lengths and the split below would only add a call
+  and a merge: measured 1.05-1.1x faster fwd+bwd at L <= 512). Longer causal: a prefix
+  part and a sequence part.
 * prefix part: non-causal, never masked; a shared ``[Hkv, P, D]`` prefix goes in as a
   stride-0 ``expand`` over the batch (no copy: the kernel reads strides), a per-row or
   multi-task prefix as ``prefix_k[prefix_index]`` (``[B, Hkv, P, D]``, small). Folding the
@@ -69,6 +74,9 @@ _KEY_BLOCK = 1024
 # Fused path, causal with S > L: bottom-right causal as one dense additive mask up to this many
 # elements (decoding, short chunks); beyond it the keys are split into an all-visible and a causal part.
 _DENSE_MASK_ELEMENTS = 1 << 22
+# Fused path, causal with a prefix: up to this many keys (P + S) one call on [prefix, keys] with a dense
+# mask (also bounded by _DENSE_MASK_ELEMENTS); longer: a prefix part and a causal sequence part, merged.
+_JOINT_CAUSAL_KEYS = 1024
 # Dropout tiles: _DROP_Q query rows x _tile_width(P + S) columns of one batch row and head; the
 # blockwise path's query blocks start on multiples of _DROP_Q, its key blocks on multiples of _KEY_BLOCK.
 _DROP_Q = 128
@@ -207,6 +215,20 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
             if key_padding_mask is not None:
                 mask = torch.zeros(B, 1, 1, P + S, dtype=dtype, device=k.device)
                 mask[..., P:].masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+            parts.append((torch.cat([pk, k], 2), torch.cat([pv, v], 2), False, mask, None, "joint"))
+            return parts
+        if P > 0 and P + S <= _JOINT_CAUSAL_KEYS and (B if key_padding_mask is not None else 1) * L * (P + S) \
+                <= _DENSE_MASK_ELEMENTS:
+            # short causal: one call on [prefix, keys] with a dense additive [B | 1, 1, L, P + S] mask
+            # (the kernel's key blocks are ~512 wide, so is_causal would skip nothing here, and one
+            # call has no merge); every row sees the prefix, so no row is dead
+            i = torch.arange(L, device=k.device)[:, None]
+            j = torch.arange(S, device=k.device)[None, :]
+            vis = (j <= i + (S - L))[None, None]
+            if key_padding_mask is not None:
+                vis = vis & key_padding_mask[:, None, None, :]
+            mask = torch.zeros(vis.shape[0], 1, L, P + S, dtype=dtype, device=k.device)
+            mask[..., P:].masked_fill_(~vis, float("-inf"))
             parts.append((torch.cat([pk, k], 2), torch.cat([pv, v], 2), False, mask, None, "joint"))
             return parts
         parts.append((pk, pv, False, None, None, "prefix"))

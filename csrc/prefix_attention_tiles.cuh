@@ -90,6 +90,11 @@ __device__ __forceinline__ float group_sum(float x) {
   return x;
 }
 
+// True when sequence key n of batch row b is padded out (key_padding_mask False).
+__device__ __forceinline__ bool key_padded(const PrefixAttnParams& p, int64_t b, int n) {
+  return p.kpm != nullptr && !p.kpm[b * p.kpm_sb + (int64_t)n * p.kpm_ss];
+}
+
 // Key source of combined-column tile `t`: the prefix block (tiles [0, n_prefix_tiles)) with no
 // batch stride, then the sequence keys of row b.
 struct KeySource {
@@ -127,8 +132,25 @@ __device__ __forceinline__ bool column_visible(const PrefixAttnParams& p, const 
                                                int i, int n, int b) {
   if (ks.is_prefix) return prefix_visible(i, n, p.L, p.P);
   if (n >= ks.n_lim) return false;
-  const bool pad_ok = (p.kpm == nullptr) || p.kpm[(int64_t)b * p.kpm_sb + (int64_t)n * p.kpm_ss];
-  return seq_visible(i, n, p.L, p.S, p.causal, pad_ok);
+  return seq_visible(i, n, p.L, p.S, p.causal, !key_padded(p, b, n));
+}
+
+// load_tile of a key tile of KeySource `ks` (K or V of the prefix or of row b's keys): rows of
+// padded-out keys are zero-filled as well, so that whatever they hold (NaN/inf from an
+// uninitialised buffer) contributes nothing, forward or backward (0 * NaN would poison P V, dP and dQ).
+template <typename T, int NROWS, int DM, int SSTRIDE>
+__device__ __forceinline__ void load_kv_tile(float* __restrict__ dst, const T* __restrict__ base,
+                                             int64_t s_row, int64_t s_d, const PrefixAttnParams& p,
+                                             const KeySource& ks, int b) {
+  for (int idx = threadIdx.x; idx < NROWS * DM; idx += kThreads) {
+    const int rr = idx / DM;
+    const int d = idx % DM;
+    const int r = ks.n0 + rr;
+    float x = 0.f;
+    if (r < ks.n_lim && d < p.D && (ks.is_prefix || !key_padded(p, b, r)))
+      x = to_float(base[(int64_t)r * s_row + (int64_t)d * s_d]);
+    dst[rr * SSTRIDE + d] = x;
+  }
 }
 
 __device__ __forceinline__ int64_t prefix_task(const PrefixAttnParams& p, int b) {

@@ -260,13 +260,13 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
 
 
 def _like_q(q: Tensor, x: Tensor, dtype) -> Tensor:
-    """``x`` in ``dtype`` with the strides of ``empty_output(q)`` (the layout the op returns,
-    ``[B, Hq, L, D]`` over ``[B, L, Hq, D]`` storage, also what the ATen kernel writes):
-    ``x`` itself when it has them, else a copy."""
-    B, Hq, L, D = q.shape
-    if x.stride() == (L * Hq * D, D, Hq * D, 1) and x.dtype == dtype:
+    """``x`` in ``dtype`` with the strides of ``empty_output(q)`` (the layout the op returns; the
+    ATen kernel writes its out in q's layout, so for a contiguous q or a ``[B, L, Hq, D]`` view
+    that is ``x`` itself), else a copy."""
+    want = empty_output(q)
+    if x.stride() == want.stride() and x.dtype == dtype:
         return x
-    return q.new_empty(B, L, Hq, D, dtype=dtype).transpose(1, 2).copy_(x)
+    return (want if want.dtype == dtype else torch.empty_like(want, dtype=dtype)).copy_(x)
 
 
 def _fused_forward(q, parts, scale: float):

@@ -485,6 +485,12 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         if prefix_k is None:
             return dq, dk, dv, None, None
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
+    if key_padding_mask is not None:
+        # Padded keys/values contribute nothing, whatever they hold (DESIGN §2): these kernels multiply
+        # a padded key/value by p = 0 (0 * NaN = NaN in dQ, dK, dprefix), so they get zeros in their
+        # place: one masked copy of K and V per backward call with a padding mask.
+        pad = ~key_padding_mask[:, None, :, None]
+        k, v = k.masked_fill(pad, 0), v.masked_fill(pad, 0)
     vec = vec_for(q.dtype)
     (dout, q, k, v, prefix_k, prefix_v, out), Dp = align_inputs((dout, q, k, v, prefix_k, prefix_v, out), D, vec)
     dq = torch.empty((B, Hq, L, Dp), dtype=q.dtype, device=dev)

@@ -14,7 +14,7 @@ by their log-sum-exp:
   (mask within ``_DENSE_MASK_ELEMENTS``): also one call on ``[prefix, keys]``, with a dense
   additive ``[B | 1, 1, L, P + S]`` mask (the kernel works in key blocks of ~512, so
   ``is_causal`` skips nothing at these lengths and the split below would only add a call
-  and a merge: the split measured 0.65-0.99x of this fwd+bwd on the t2t, gpt2s and summ shapes).
+  and a merge: the split ran at 0.6-0.95x the speed of this, fwd+bwd, on the t2t, gpt2s and summ shapes).
   Longer causal: a prefix part and a sequence part.
 * prefix part: non-causal, never masked; a shared ``[Hkv, P, D]`` prefix goes in as a
   stride-0 ``expand`` over the batch (no copy: the kernel reads strides), a per-row or

@@ -83,7 +83,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_fwd_tc_kernel(const Pref
     const KeySource ks = key_source(p, t, n_pre, kBN, b, hk, task, seq_end);
     const T* kb = static_cast<const T*>(ks.is_prefix ? p.pk : p.k) + ks.k_off;
     const T* vb = static_cast<const T*>(ks.is_prefix ? p.pv : p.v) + ks.v_off;
-    const bool* pad = (ks.is_prefix || p.kpm == nullptr) ? nullptr : p.kpm + (int64_t)b * p.kpm_sb;
+    const bool* pad = key_pad_row(p, ks, b);
     load_tile_async<T, DM, kBN>(sK + (t % kStages) * kBN * DM, kb, ks.k_sn, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
     load_tile_async<T, DM, kBN>(sV + (t % kStages) * kBN * DM, vb, ks.v_sn, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
   };

@@ -157,7 +157,7 @@ def test_fused_nan_rows_the_kernel_zeroes_come_out_nan():
 
 
 @pytest.mark.parametrize("layout", ["contig", "blhd"])
-def test_out_in_the_op_layout_on_every_path_and_fake_agrees(layout):
+def test_out_in_the_op_layout_on_every_path_and_fake_agrees(layout, monkeypatch):
     """The backend itself returns out with the strides of ops.layout.empty_output ([B, L, H, D] storage,
     so the op layer's conform makes no copy and transformers' transpose(1, 2).contiguous() is free), on
     every path (joint, split, blockwise with dropout), whatever q's layout; the fake agrees."""
@@ -168,16 +168,12 @@ def test_out_in_the_op_layout_on_every_path_and_fake_agrees(layout):
     idx = torch.zeros(B, dtype=torch.long)
     want = empty_output(q).stride()
     for causal, dropout, joint_keys in ((False, 0.0, 1024), (True, 0.0, 1024), (True, 0.0, 0), (True, 0.2, 1024)):
-        ta_keys = ta._JOINT_CAUSAL_KEYS
-        ta._JOINT_CAUSAL_KEYS = joint_keys  # 0: the split (prefix part + causal part, merged)
-        try:
-            out, _ = ta.attention_forward(q, k, v, pk, pv, idx, None, causal=causal, scale=0.25,
-                                          dropout_p=dropout, seed=3)
-            assert out.stride() == want, (causal, dropout, out.stride())
-            out = prefix_attention(q, k, v, pk[0], pv[0], causal=causal, dropout_p=dropout, backend="torch")
-            assert out.stride() == want, (causal, dropout, out.stride())
-        finally:
-            ta._JOINT_CAUSAL_KEYS = ta_keys
+        monkeypatch.setattr(ta, "_JOINT_CAUSAL_KEYS", joint_keys)  # 0: the split (prefix part + causal part)
+        out, _ = ta.attention_forward(q, k, v, pk, pv, idx, None, causal=causal, scale=0.25,
+                                      dropout_p=dropout, seed=3)
+        assert out.stride() == want, (causal, dropout, out.stride())
+        out = prefix_attention(q, k, v, pk[0], pv[0], causal=causal, dropout_p=dropout, backend="torch")
+        assert out.stride() == want, (causal, dropout, out.stride())
     args = (q.requires_grad_(), k, v, pk, pv, idx, None, None, True, 0.25, 0.0, True, "torch")
     torch.library.opcheck(_prefix_attention_fwd, args)
 

@@ -191,6 +191,24 @@ def _unit_last(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
+def _dense_mask_fits(B: int, L: int, cols: int, key_padding_mask: Optional[Tensor]) -> bool:
+    """Whether a dense ``[B | 1, 1, L, cols]`` mask stays within ``_DENSE_MASK_ELEMENTS``."""
+    return (B if key_padding_mask is not None else 1) * L * cols <= _DENSE_MASK_ELEMENTS
+
+
+def _causal_mask(L: int, S: int, P: int, key_padding_mask: Optional[Tensor], dtype, device) -> Tensor:
+    """Additive ``[B | 1, 1, L, P + S]`` mask: the first P (prefix) columns visible, sequence
+    column j visible iff ``j <= i + S - L`` (bottom-right causal) and not padded; -inf elsewhere."""
+    i = torch.arange(L, device=device)[:, None]
+    j = torch.arange(S, device=device)[None, :]
+    vis = (j <= i + (S - L))[None, None]
+    if key_padding_mask is not None:
+        vis = vis & key_padding_mask[:, None, None, :]
+    mask = torch.zeros(vis.shape[0], 1, L, P + S, dtype=dtype, device=device)
+    mask[..., P:].masked_fill_(~vis, float("-inf"))
+    return mask
+
+
 def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: bool, L: int, dtype):
     """Key parts ``[(k, v, is_causal, additive mask | None, seen | None, kind)]``.
 
@@ -217,32 +235,18 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
                 mask[..., P:].masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
             parts.append((torch.cat([pk, k], 2), torch.cat([pv, v], 2), False, mask, None, "joint"))
             return parts
-        if P > 0 and P + S <= _JOINT_CAUSAL_KEYS and (B if key_padding_mask is not None else 1) * L * (P + S) \
-                <= _DENSE_MASK_ELEMENTS:
-            # short causal: one call on [prefix, keys] with a dense additive [B | 1, 1, L, P + S] mask
-            # (the kernel's key blocks are ~512 wide, so is_causal would skip nothing here, and one
-            # call has no merge); every row sees the prefix, so no row is dead
-            i = torch.arange(L, device=k.device)[:, None]
-            j = torch.arange(S, device=k.device)[None, :]
-            vis = (j <= i + (S - L))[None, None]
-            if key_padding_mask is not None:
-                vis = vis & key_padding_mask[:, None, None, :]
-            mask = torch.zeros(vis.shape[0], 1, L, P + S, dtype=dtype, device=k.device)
-            mask[..., P:].masked_fill_(~vis, float("-inf"))
+        if P > 0 and P + S <= _JOINT_CAUSAL_KEYS and _dense_mask_fits(B, L, P + S, key_padding_mask):
+            # short causal: one call on [prefix, keys] with a dense mask (the kernel's key blocks are
+            # ~512 wide, so is_causal would skip nothing here, and one call has no merge); every row
+            # sees the prefix, so no row is dead
+            mask = _causal_mask(L, S, P, key_padding_mask, dtype, k.device)
             parts.append((torch.cat([pk, k], 2), torch.cat([pv, v], 2), False, mask, None, "joint"))
             return parts
         parts.append((pk, pv, False, None, None, "prefix"))
-    if causal and S > L and (B if key_padding_mask is not None else 1) * L * S <= _DENSE_MASK_ELEMENTS:
+    if causal and S > L and _dense_mask_fits(B, L, S, key_padding_mask):
         # bottom-right causal as one additive [B | 1, 1, L, S] mask: one part, one lse rounding
-        i = torch.arange(L, device=k.device)[:, None]
-        j = torch.arange(S, device=k.device)[None, :]
-        vis = (j <= i + (S - L))[None, None]
-        seen = None
-        if key_padding_mask is not None:
-            vis = vis & key_padding_mask[:, None, None, :]
-            seen = key_padding_mask.cummax(-1).values[:, None, None, S - L:]
-        mask = torch.zeros(vis.shape, dtype=dtype, device=k.device).masked_fill_(~vis, float("-inf"))
-        parts.append((k, v, False, mask, seen, slice(0, S)))
+        seen = None if key_padding_mask is None else key_padding_mask.cummax(-1).values[:, None, None, S - L:]
+        parts.append((k, v, False, _causal_mask(L, S, 0, key_padding_mask, dtype, k.device), seen, slice(0, S)))
         return parts
     spans = [(0, S - L, False), (S - L, S, True)] if causal and S > L else [(0, S, causal)]
     for lo, hi, is_causal in spans:

@@ -69,10 +69,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dkdv_kernel(const
   const KeySource ks = key_source(p, blockIdx.x, n_pre, BN, b, hk, task, p.S);
   const int n = ks.n0 + nr;
 
+  const bool* pad = key_pad_row(p, ks, b);
   load_tile<T, BN, DM, QS>(sK, static_cast<const T*>(ks.is_prefix ? p.pk : p.k) + ks.k_off,
-                           ks.k_sn, ks.k_sd, ks.n0, ks.n_lim, p.D);
+                           ks.k_sn, ks.k_sd, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
   load_tile<T, BN, DM, QS>(sV, static_cast<const T*>(ks.is_prefix ? p.pv : p.v) + ks.v_off,
-                           ks.v_sn, ks.v_sd, ks.n0, ks.n_lim, p.D);
+                           ks.v_sn, ks.v_sd, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
 
   float dk[DPT], dv[DPT];
 #pragma unroll
@@ -213,10 +214,11 @@ __global__ void __launch_bounds__(kThreads, 1) prefix_attn_bwd_dq_kernel(const P
   for (int t = 0; t < n_tiles; ++t) {
     const KeySource ks = key_source(p, t, n_pre, BN, b, hk, task, seq_end);
     __syncthreads();
+    const bool* pad = key_pad_row(p, ks, b);
     load_tile<T, BN, DM, QS>(sK, static_cast<const T*>(ks.is_prefix ? p.pk : p.k) + ks.k_off,
-                             ks.k_sn, ks.k_sd, ks.n0, ks.n_lim, p.D);
+                             ks.k_sn, ks.k_sd, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
     load_tile<T, BN, DM, QS>(sV, static_cast<const T*>(ks.is_prefix ? p.pv : p.v) + ks.v_off,
-                             ks.v_sn, ks.v_sd, ks.n0, ks.n_lim, p.D);
+                             ks.v_sn, ks.v_sd, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
     __syncthreads();
 #pragma unroll
     for (int j = 0; j < NPT; ++j) {

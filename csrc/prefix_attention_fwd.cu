@@ -62,8 +62,9 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_fwd_kernel(const PrefixA
     kbase = static_cast<const T*>(ks.is_prefix ? p.pk : p.k) + ks.k_off;
     vbase = static_cast<const T*>(ks.is_prefix ? p.pv : p.v) + ks.v_off;
     __syncthreads();  // everyone is done with the previous K/V tile
-    load_tile<T, BN, DM, QS>(sK, kbase, ks.k_sn, ks.k_sd, ks.n0, ks.n_lim, p.D);
-    load_tile<T, BN, DM, DM>(sV, vbase, ks.v_sn, ks.v_sd, ks.n0, ks.n_lim, p.D);
+    const bool* pad = key_pad_row(p, ks, b);
+    load_tile<T, BN, DM, QS>(sK, kbase, ks.k_sn, ks.k_sd, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
+    load_tile<T, BN, DM, DM>(sV, vbase, ks.v_sn, ks.v_sd, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
     __syncthreads();
 
     float s[NPT];

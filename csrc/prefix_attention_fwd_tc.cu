@@ -36,9 +36,12 @@ __device__ __forceinline__ int swz(int row, int col) {
 }
 
 // cp.async of rows [r0, r0 + ROWS) x [0, DM) of a [rows, D] matrix (unit last stride, row stride
-// `rs` elements, both 16-byte aligned) into a swizzled tile; rows >= r_lim and cols >= D -> 0.
+// `rs` elements, both 16-byte aligned) into a swizzled tile; rows >= r_lim and cols >= D -> 0, and
+// rows whose `pad` entry is false (padded-out keys: pad = key_padding_mask row, pad_s its stride) -> 0,
+// so that NaN/inf held by padded keys/values contributes nothing.
 template <typename T, int DM, int ROWS>
-__device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t rs, int r0, int r_lim, int D) {
+__device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t rs, int r0, int r_lim, int D,
+                                                const bool* pad = nullptr, int64_t pad_s = 0) {
   constexpr int C = DM / 8, RSTEP = kThreads / C;  // rows per pass
   static_assert(kThreads % C == 0 && ROWS % RSTEP == 0, "tile");
   const int r = (int)threadIdx.x / C, c = (int)threadIdx.x % C;
@@ -48,7 +51,8 @@ __device__ __forceinline__ void load_tile_async(T* s, const T* g, int64_t rs, in
   T* dst = s + swz<DM>(r, c * 8);  // swz(r + RSTEP * it, col) = swz(r, col) + RSTEP * it * DM (RSTEP % 8 == 0)
 #pragma unroll
   for (int it = 0; it < ROWS / RSTEP; ++it) {
-    const bool ok = col_ok && (r0 + r + it * RSTEP < r_lim);
+    const int row = r0 + r + it * RSTEP;
+    const bool ok = col_ok && row < r_lim && (pad == nullptr || pad[(int64_t)row * pad_s]);
     cp_async_16(dst + it * RSTEP * DM, ok ? src : g, ok);
     src += step;
   }
@@ -79,8 +83,9 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_fwd_tc_kernel(const Pref
     const KeySource ks = key_source(p, t, n_pre, kBN, b, hk, task, seq_end);
     const T* kb = static_cast<const T*>(ks.is_prefix ? p.pk : p.k) + ks.k_off;
     const T* vb = static_cast<const T*>(ks.is_prefix ? p.pv : p.v) + ks.v_off;
-    load_tile_async<T, DM, kBN>(sK + (t % kStages) * kBN * DM, kb, ks.k_sn, ks.n0, ks.n_lim, p.D);
-    load_tile_async<T, DM, kBN>(sV + (t % kStages) * kBN * DM, vb, ks.v_sn, ks.n0, ks.n_lim, p.D);
+    const bool* pad = key_pad_row(p, ks, b);
+    load_tile_async<T, DM, kBN>(sK + (t % kStages) * kBN * DM, kb, ks.k_sn, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
+    load_tile_async<T, DM, kBN>(sV + (t % kStages) * kBN * DM, vb, ks.v_sn, ks.n0, ks.n_lim, p.D, pad, p.kpm_ss);
   };
   load_tile_async<T, DM, kBM>(sQ, q, p.q_sl, m0, p.L, p.D);
   if (n_tiles > 0) issue_kv(0);

@@ -46,16 +46,20 @@ template <> struct DkvCfg<128> : TileCfg<128, 32, 32> {};
 template <> struct DkvCfg<256> : TileCfg<256, 16, 16> {};
 
 // Load rows [r0, r0 + NROWS) x [0, DM) of a strided [rows, D] matrix into shared memory
-// (row stride SSTRIDE floats), zero-filling rows >= r_lim and columns >= D.
+// (row stride SSTRIDE floats), zero-filling rows >= r_lim, columns >= D and rows r whose
+// `pad[r * pad_s]` is false (padded-out keys, see key_pad_row: whatever they hold, NaN/inf from
+// an uninitialised buffer, must contribute nothing, and 0 * NaN would poison P V, dP and dQ).
 template <typename T, int NROWS, int DM, int SSTRIDE>
 __device__ __forceinline__ void load_tile(float* __restrict__ dst, const T* __restrict__ base,
-                                          int64_t s_row, int64_t s_d, int r0, int r_lim, int D) {
+                                          int64_t s_row, int64_t s_d, int r0, int r_lim, int D,
+                                          const bool* pad = nullptr, int64_t pad_s = 0) {
   for (int idx = threadIdx.x; idx < NROWS * DM; idx += kThreads) {
     const int rr = idx / DM;
     const int d = idx % DM;
     const int r = r0 + rr;
     float x = 0.f;
-    if (r < r_lim && d < D) x = to_float(base[(int64_t)r * s_row + (int64_t)d * s_d]);
+    if (r < r_lim && d < D && (pad == nullptr || pad[(int64_t)r * pad_s]))
+      x = to_float(base[(int64_t)r * s_row + (int64_t)d * s_d]);
     dst[rr * SSTRIDE + d] = x;
   }
 }
@@ -88,6 +92,11 @@ __device__ __forceinline__ float group_sum(float x) {
 #pragma unroll
   for (int off = TPR / 2; off > 0; off >>= 1) x += __shfl_xor_sync(0xffffffffu, x, off);
   return x;
+}
+
+// True when sequence key n of batch row b is padded out (key_padding_mask False).
+__device__ __forceinline__ bool key_padded(const PrefixAttnParams& p, int64_t b, int n) {
+  return p.kpm != nullptr && !p.kpm[b * p.kpm_sb + (int64_t)n * p.kpm_ss];
 }
 
 // Key source of combined-column tile `t`: the prefix block (tiles [0, n_prefix_tiles)) with no
@@ -127,8 +136,13 @@ __device__ __forceinline__ bool column_visible(const PrefixAttnParams& p, const 
                                                int i, int n, int b) {
   if (ks.is_prefix) return prefix_visible(i, n, p.L, p.P);
   if (n >= ks.n_lim) return false;
-  const bool pad_ok = (p.kpm == nullptr) || p.kpm[(int64_t)b * p.kpm_sb + (int64_t)n * p.kpm_ss];
-  return seq_visible(i, n, p.L, p.S, p.causal, pad_ok);
+  return seq_visible(i, n, p.L, p.S, p.causal, !key_padded(p, b, n));
+}
+
+// Row b's key_padding_mask (stride p.kpm_ss per key) for the tile loaders when `ks` is a sequence
+// tile and a mask is given, else nullptr (prefix keys are never padded).
+__device__ __forceinline__ const bool* key_pad_row(const PrefixAttnParams& p, const KeySource& ks, int64_t b) {
+  return (ks.is_prefix || p.kpm == nullptr) ? nullptr : p.kpm + b * p.kpm_sb;
 }
 
 __device__ __forceinline__ int64_t prefix_task(const PrefixAttnParams& p, int b) {

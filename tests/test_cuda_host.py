@@ -305,3 +305,22 @@ def test_emulated_schedule_order_does_not_change_results(emu, monkeypatch, order
     monkeypatch.delenv("SOFTPROMPT_KERNELS_CUDA_FWD")
     fwd, bwd = _tc_fns(emu, PATH_TC)
     check_attention(fwd, bwd, case, torch.bfloat16, "cpu", seed=13)
+
+
+# Issue 10 item 5: NaN/inf held by padded-out keys/values (torch.empty buffers) must contribute nothing:
+# out, lse and every gradient equal the clean inputs' results (SIMT forward + backward, tensor-core forward).
+_PADDED_SIMT = [(c, dt) for c in CASES + TC_CASES if c.mask for dt in (torch.float32, torch.bfloat16)]
+_PADDED_TC = [(c, torch.bfloat16) for c in TC_CASES if c.mask]
+
+
+@pytest.mark.parametrize("case,dtype", _PADDED_SIMT, ids=lambda x: str(x))
+def test_emulated_simt_padded_nan_keys_values_contribute_nothing(emu, case, dtype, monkeypatch):
+    monkeypatch.setenv("SOFTPROMPT_KERNELS_CUDA_FWD", "simt")
+    fwd, bwd = _tc_fns(emu, PATH_SIMT_FORCED)
+    check_attention(fwd, bwd, case, dtype, "cpu", seed=len(str(case)) + 2, poison_padded=True)
+
+
+@pytest.mark.parametrize("case,dtype", _PADDED_TC, ids=lambda x: str(x))
+def test_emulated_tc_padded_nan_keys_values_contribute_nothing(emu, case, dtype):
+    fwd, bwd = _tc_fns(emu, PATH_TC)
+    check_attention(fwd, bwd, case, dtype, "cpu", seed=len(str(case)) + 2, poison_padded=True)

@@ -15,14 +15,19 @@ def _hf_layout(B, H, L, D, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_output_is_a_view_of_b_l_h_d_storage(backend):
+def test_output_layout_follows_q(backend):
+    """out is [B, L, H, D] storage for HF-layout or non-dense q, contiguous for a contiguous q."""
     q, k, v = _hf_layout(2, 4, 5, 16), _hf_layout(2, 2, 7, 16), _hf_layout(2, 2, 7, 16)
     pk, pv = torch.randn(2, 3, 16), torch.randn(2, 3, 16)
     out = prefix_attention(q, k, v, pk, pv, causal=True, backend=backend)
     assert out.shape == (2, 4, 5, 16)
     assert out.transpose(1, 2).is_contiguous(), out.stride()  # integration's .contiguous() is a no-op
     dense = prefix_attention(q.contiguous(), k.contiguous(), v.contiguous(), pk, pv, causal=True, backend=backend)
+    assert dense.is_contiguous(), dense.stride()  # a contiguous q gets a contiguous out (as from SDPA): no copy
     torch.testing.assert_close(out, dense, rtol=1e-6, atol=1e-6)  # the layout changes no number
+    sliced = torch.randn(2, 5, 3, 4, 16)[:, :, 0].transpose(1, 2)  # non-dense q (a slice of a fused qkv)
+    out = prefix_attention(sliced, k, v, pk, pv, causal=True, backend=backend)
+    assert out.transpose(1, 2).is_contiguous(), out.stride()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -87,6 +87,7 @@ def test_fused_causal_s_greater_than_l_dense_mask_and_split(dense, form, monkeyp
     real = ta._FLASH
     monkeypatch.setattr(ta, "_FLASH", lambda *a, **kw: calls.append(a[4]) or real(*a, **kw))
     rng = np.random.default_rng(7)
+    torch.manual_seed(7)  # tensors and dout come from torch's global generator: same cases in any test order
     for _ in range(6):
         c = _make_case(rng, torch.float32)
         L = c["q"].shape[2]
@@ -100,6 +101,40 @@ def test_fused_causal_s_greater_than_l_dense_mask_and_split(dense, form, monkeyp
             c.update(pk=_rand(3, Hkv, 6, D), pv=_rand(3, Hkv, 6, D), idx=torch.from_numpy(rng.integers(0, 3, B)))
         _check_against_reference(c, "torch", torch.float32)
     assert calls and (True in calls) != dense  # the split's causal part is the only is_causal call
+
+
+@pytest.mark.parametrize("joint", [True, False])
+@pytest.mark.parametrize("form", ["shared", "task"])
+def test_fused_causal_prefix_joint_call_and_split(joint, form, monkeypatch):
+    """Causal with a prefix: short keys run as ONE kernel call on [prefix, keys] with a dense mask (no
+    is_causal call, no merge); past _JOINT_CAUSAL_KEYS (forced here) a prefix part + a causal part.
+    Both against float64, forward and backward, with and without padding, S == L and S > L."""
+    if not joint:
+        monkeypatch.setattr(ta, "_JOINT_CAUSAL_KEYS", 0)
+    calls = []
+    real = ta._FLASH
+    monkeypatch.setattr(ta, "_FLASH", lambda *a, **kw: calls.append((a[1].shape[2], a[4])) or real(*a, **kw))
+    rng = np.random.default_rng(11)
+    torch.manual_seed(11)
+    for i in range(8):
+        c = _make_case(rng, torch.float32)
+        L = c["q"].shape[2]
+        S = L + (0, 5)[i % 2]
+        B, Hkv, D = c["k"].shape[0], c["k"].shape[1], c["k"].shape[3]
+        mask = (torch.rand(B, S) > 0.3) if i % 4 >= 2 else None
+        if mask is not None:
+            mask[0] = False  # a row with every key padded still sees the prefix
+        c.update(k=_rand(B, Hkv, S, D), v=_rand(B, Hkv, S, D), causal=True, mask=mask, form=form, idx=None)
+        if form == "shared":
+            c.update(pk=_rand(Hkv, 6, D), pv=_rand(Hkv, 6, D))
+        else:
+            c.update(pk=_rand(3, Hkv, 6, D), pv=_rand(3, Hkv, 6, D), idx=torch.from_numpy(rng.integers(0, 3, B)))
+        calls.clear()
+        _check_against_reference(c, "torch", torch.float32)
+        if joint:
+            assert calls == [(6 + S, False)], calls  # forward: one call on all 6 + S keys
+        else:
+            assert (6, False) in calls and any(n < 6 + S for n, _ in calls) and len(calls) >= 2, calls
 
 
 def test_fused_nan_rows_the_kernel_zeroes_come_out_nan():
@@ -122,7 +157,7 @@ def test_fused_nan_rows_the_kernel_zeroes_come_out_nan():
 
 
 @pytest.mark.parametrize("layout", ["contig", "blhd"])
-def test_out_in_the_op_layout_on_every_path_and_fake_agrees(layout):
+def test_out_in_the_op_layout_on_every_path_and_fake_agrees(layout, monkeypatch):
     """The backend itself returns out with the strides of ops.layout.empty_output ([B, L, H, D] storage,
     so the op layer's conform makes no copy and transformers' transpose(1, 2).contiguous() is free), on
     every path (joint, split, blockwise with dropout), whatever q's layout; the fake agrees."""
@@ -132,7 +167,8 @@ def test_out_in_the_op_layout_on_every_path_and_fake_agrees(layout):
     pk, pv = torch.randn(1, H, 3, D), torch.randn(1, H, 3, D)
     idx = torch.zeros(B, dtype=torch.long)
     want = empty_output(q).stride()
-    for causal, dropout in ((False, 0.0), (True, 0.0), (True, 0.2)):
+    for causal, dropout, joint_keys in ((False, 0.0, 1024), (True, 0.0, 1024), (True, 0.0, 0), (True, 0.2, 1024)):
+        monkeypatch.setattr(ta, "_JOINT_CAUSAL_KEYS", joint_keys)  # 0: the split (prefix part + causal part)
         out, _ = ta.attention_forward(q, k, v, pk, pv, idx, None, causal=causal, scale=0.25,
                                       dropout_p=dropout, seed=3)
         assert out.stride() == want, (causal, dropout, out.stride())

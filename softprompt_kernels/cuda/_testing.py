@@ -104,21 +104,31 @@ BwdFn = Callable[..., tuple]
 
 def check_attention(fwd: FwdFn, bwd: BwdFn, case: Case, dtype: torch.dtype, device, *,
                     deterministic: bool = True, seed: int = 0, dropout_p: float = 0.0,
-                    keep_mask: Callable | None = None) -> list[Comparison]:
+                    keep_mask: Callable | None = None, poison_padded: bool = False) -> list[Comparison]:
     """Run ``fwd(q, k, v, pk, pv, idx, kpm, causal, scale, dropout_p, dropout_seed) -> (out, lse)`` and
     ``bwd(dout, q, k, v, pk, pv, idx, kpm, out, lse, causal, scale, dropout_p, dropout_seed, deterministic)
     -> 5 grads`` and compare everything with the tolerance rule.  With dropout, ``keep_mask(seed, B, Hq, L,
     P, S, dropout_p, device)`` must give the backend's keep mask; the reference applies it.
+    ``poison_padded``: the backend gets k / v holding NaN / inf at padded-out keys (what an
+    uninitialised buffer may hold), the reference the clean inputs: masked keys and values must
+    contribute nothing, forward or backward (DESIGN §2), so every result equals the clean one.
     Returns the comparisons (all checked)."""
     inp = make_inputs(case, dtype, device, seed)
+    k_in, v_in = inp["k"], inp["v"]
+    if poison_padded:
+        assert inp["kpm"] is not None, "poison_padded needs a case with a key padding mask"
+        pad = ~inp["kpm"][:, None, :, None]
+        k_in = inp["k"].clone().masked_fill_(pad, float("nan"))  # clone keeps the case's layout
+        v_in = inp["v"].clone().masked_fill_(pad, float("inf"))
+        v_in[..., 0::2].masked_fill_(pad.expand_as(v_in)[..., 0::2], float("nan"))
     scale = case.D ** -0.5
     dseed = 1000 + seed
     keep = None
     if dropout_p > 0.0:
         keep = keep_mask(dseed, case.B, case.Hq, case.L, case.P, case.S, dropout_p, device)
-    out, lse = fwd(inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"], inp["kpm"], case.causal, scale,
+    out, lse = fwd(inp["q"], k_in, v_in, inp["pk"], inp["pv"], inp["idx"], inp["kpm"], case.causal, scale,
                    dropout_p, dseed)
-    grads = bwd(inp["dout"], inp["q"], inp["k"], inp["v"], inp["pk"], inp["pv"], inp["idx"], inp["kpm"], out, lse,
+    grads = bwd(inp["dout"], inp["q"], k_in, v_in, inp["pk"], inp["pv"], inp["idx"], inp["kpm"], out, lse,
                 case.causal, scale, dropout_p, dseed, deterministic)
     out64, lse64, g64 = _reference(inp, case, scale, torch.float64, dropout_p, keep)
     outlp, lselp, glp = _reference(inp, case, scale, dtype, dropout_p, keep)

@@ -1,8 +1,10 @@
 """Memory layouts the prefix-attention op returns, shared by every backend.
 
-* ``out`` is ``[B, Hq, L, D]`` as a view of ``[B, L, Hq, D]`` storage: the layout a Hugging
-  Face attention module reshapes into ``[B, L, Hq * D]``, so ``out.transpose(1, 2)`` is
-  contiguous and the integration makes no copy.
+* ``out`` is ``[B, Hq, L, D]``: contiguous when ``q`` is contiguous (what SDPA returns for
+  such a q, so a caller in that layout gets no copy either), otherwise a view of
+  ``[B, L, Hq, D]`` storage: the layout a Hugging Face attention module reshapes into
+  ``[B, L, Hq * D]`` (its q is such a view, or a non-dense slice of a fused projection), so
+  ``out.transpose(1, 2)`` is contiguous and the integration makes no copy.
 * ``dq, dk, dv`` (and the prefix gradients) come back with the strides of ``q, k, v`` (of
   the prefix) when those are dense, possibly permuted (``torch.empty_like``'s rule), so the
   gradient flows back through the caller's ``view(...).transpose(...)`` without a copy.
@@ -18,8 +20,11 @@ from torch import Tensor
 
 
 def empty_output(q: Tensor) -> Tensor:
-    """Uninitialised ``[B, Hq, L, D]`` view of ``[B, L, Hq, D]`` storage, q's dtype and device."""
+    """Uninitialised ``[B, Hq, L, D]`` in q's dtype and device: contiguous if q is, else a view
+    of ``[B, L, Hq, D]`` storage."""
     B, Hq, L, D = q.shape
+    if q.is_contiguous():
+        return q.new_empty(B, Hq, L, D)
     return q.new_empty(B, L, Hq, D).transpose(1, 2)
 
 

@@ -181,7 +181,7 @@ def _prefix_attention_fwd(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed),
     )
-    return conform(out, empty_output(q)), lse  # [B, Hq, L, D] over [B, L, Hq, D] storage (see layout.py)
+    return conform(out, empty_output(q)), lse  # the layout of ops/layout.py
 
 
 @_prefix_attention_fwd.register_fake
@@ -305,8 +305,8 @@ def prefix_attention(
             so nothing is ever read outside the prefix tensor.
 
     Returns:
-        ``out [B, Hq, L, D]`` in q's dtype (a row that sees no key gives zeros; a view of
-        ``[B, L, Hq, D]`` storage, see ``ops/layout.py``), or
+        ``out [B, Hq, L, D]`` in q's dtype (a row that sees no key gives zeros; contiguous
+        when q is, else a view of ``[B, L, Hq, D]`` storage, see ``ops/layout.py``), or
         ``(out, lse)``. Gradients flow to q, k, v and the prefix; the prefix gradient
         comes back in the prefix's own shape, summed over the rows (and query heads of
         each kv group) that used it.

@@ -536,8 +536,8 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     """Returns (out [B, Hq, L, D] q.dtype, lse [B, Hq, L] float32 contiguous, natural log).
 
     Any input strides (no copies).  ``out``: an optional [B, Hq, L, D] q.dtype tensor written
-    through its strides; by default a [B, Hq, L, D] view of new [B, L, Hq, D] storage
-    (``ops.layout.empty_output``: the layout the op returns, so it is never copied)."""
+    through its strides; by default ``ops.layout.empty_output(q)`` (contiguous when q is, else a
+    [B, Hq, L, D] view of [B, L, Hq, D] storage: the layout the op returns, so it is never copied)."""
     B, Hq, L, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     lse = torch.empty((B, Hq, L), dtype=torch.float32, device=q.device)

@@ -91,6 +91,9 @@ def _fsdp_worker(rank, world, port, out_file):
             results[family] = dict(grads=grads, loss=total / world, local_shapes=local_shapes)
         if rank == 0:
             torch.save(results, out_file)
+        # both ranks reach teardown together: a rank tearing gloo down while its peer still has
+        # a collective in flight aborted with "terminate called without an active exception"
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -119,6 +119,9 @@ def _ddp_worker(rank, world, port, out_file, prefix_projection):
         ddp(**half).loss.backward()
         if rank == 0:
             torch.save({n: p.grad for n, p in model.named_parameters() if p.requires_grad}, out_file)
+        # both ranks reach teardown together: a rank tearing gloo down while its peer still has
+        # a collective in flight aborted with "terminate called without an active exception"
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

@@ -249,10 +249,13 @@ def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, LseS, RowL, Delta, DQ,
                  scale, dropout_p, seed,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
                  IEEE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DROPOUT: tl.constexpr,
-                 HAS_PREFIX: tl.constexpr, EVEN_D: tl.constexpr, COMPUTE_DQ: tl.constexpr):
-    """Grid (cdiv(Lp, BLOCK_M), B * Hq).  Writes the row statistics LseS, Delta (and RowL for IEEE),
-    [B * Hq, Lp] fp32, for every row < Lp (rows >= L: LseS = +inf, Delta = 0, so the dK/dV kernels read
-    them unmasked), then (COMPUTE_DQ) DQ [B, Hq, L, D] through its strides.
+                 HAS_PREFIX: tl.constexpr, EVEN_D: tl.constexpr, STATS: tl.constexpr,
+                 COMPUTE_DQ: tl.constexpr):
+    """Grid (cdiv(Lp, BLOCK_M), B * Hq).  (STATS) Writes the row statistics LseS, Delta (and RowL for
+    IEEE), [B * Hq, Lp] fp32, for every row < Lp (rows >= L: LseS = +inf, Delta = 0, so the dK/dV
+    kernels read them unmasked), else reads them (a second launch with the tile's rows); then
+    (COMPUTE_DQ) DQ [B, Hq, L, D] through its strides.  fp32 runs two launches (STATS, then COMPUTE_DQ):
+    one pass per launch keeps the fp64 score products' registers of the other pass out (D = 256 spilled).
 
     Delta = sum_j P_ij dP_ij (dropout-scaled dP).  16-bit: P = exp2(S * scale * log2e - lse2) with the
     forward's lse (LseS <- lse2 = lse * log2e, +inf for a row that sees nothing).  IEEE: a first loop
@@ -297,31 +300,39 @@ def _attn_bwd_dq(Q, K, V, PK, PV, PIDX, KPM, DO, Lse, LseS, RowL, Delta, DQ,
     kpm_ptr = KPM + b64 * s_mb
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     dsum = tl.zeros([BLOCK_M], tl.float32)
-    if IEEE:
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        dq, dsum, m_i, l_i = _q_pass(
-            dq, dsum, m_i, l_i, q, do, m_i, l_i, dsum, pk_ptrs, pv_ptrs, k_ptrs, v_ptrs, kpm_ptr,
-            s_pkn, s_pvn, s_kn, s_vn, s_ms, P, S, m0, L, offs_m, offs_n, d_ok, qk_scale,
-            dropout_p, inv_keep, seed, bh, BLOCK_M, BLOCK_N, IEEE, CAUSAL, HAS_MASK, DROPOUT, HAS_PREFIX,
-            EVEN_D, True)
-        seen = (l_i > 0.0) & row_ok
-        rowl = tl.where(seen, l_i, 1.0)
-        lse = tl.where(seen, m_i, float("inf"))
-        delta = tl.where(row_ok, dsum / rowl, 0.0)
-        tl.store(RowL + bh64 * Lp + offs_m, rowl)
+    if STATS:
+        if IEEE:
+            m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_M], tl.float32)
+            dq, dsum, m_i, l_i = _q_pass(
+                dq, dsum, m_i, l_i, q, do, m_i, l_i, dsum, pk_ptrs, pv_ptrs, k_ptrs, v_ptrs, kpm_ptr,
+                s_pkn, s_pvn, s_kn, s_vn, s_ms, P, S, m0, L, offs_m, offs_n, d_ok, qk_scale,
+                dropout_p, inv_keep, seed, bh, BLOCK_M, BLOCK_N, IEEE, CAUSAL, HAS_MASK, DROPOUT, HAS_PREFIX,
+                EVEN_D, True)
+            seen = (l_i > 0.0) & row_ok
+            rowl = tl.where(seen, l_i, 1.0)
+            lse = tl.where(seen, m_i, float("inf"))
+            delta = tl.where(row_ok, dsum / rowl, 0.0)
+            tl.store(RowL + bh64 * Lp + offs_m, rowl)
+        else:
+            lse = tl.load(Lse + bh64 * L + offs_m, mask=row_ok, other=float("-inf"))
+            lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
+            rowl = lse
+            dq, dsum, _m, _l = _q_pass(
+                dq, dsum, dsum, dsum, q, do, lse, rowl, dsum, pk_ptrs, pv_ptrs, k_ptrs, v_ptrs, kpm_ptr,
+                s_pkn, s_pvn, s_kn, s_vn, s_ms, P, S, m0, L, offs_m, offs_n, d_ok, qk_scale,
+                dropout_p, inv_keep, seed, bh, BLOCK_M, BLOCK_N, IEEE, CAUSAL, HAS_MASK, DROPOUT, HAS_PREFIX,
+                EVEN_D, True)
+            delta = tl.where(row_ok, dsum, 0.0)
+        tl.store(LseS + bh64 * Lp + offs_m, lse)
+        tl.store(Delta + bh64 * Lp + offs_m, delta)
     else:
-        lse = tl.load(Lse + bh64 * L + offs_m, mask=row_ok, other=float("-inf"))
-        lse = tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634)
-        rowl = lse
-        dq, dsum, _m, _l = _q_pass(
-            dq, dsum, dsum, dsum, q, do, lse, rowl, dsum, pk_ptrs, pv_ptrs, k_ptrs, v_ptrs, kpm_ptr,
-            s_pkn, s_pvn, s_kn, s_vn, s_ms, P, S, m0, L, offs_m, offs_n, d_ok, qk_scale,
-            dropout_p, inv_keep, seed, bh, BLOCK_M, BLOCK_N, IEEE, CAUSAL, HAS_MASK, DROPOUT, HAS_PREFIX,
-            EVEN_D, True)
-        delta = tl.where(row_ok, dsum, 0.0)
-    tl.store(LseS + bh64 * Lp + offs_m, lse)
-    tl.store(Delta + bh64 * Lp + offs_m, delta)
+        lse = tl.load(LseS + bh64 * Lp + offs_m)
+        delta = tl.load(Delta + bh64 * Lp + offs_m)
+        if IEEE:
+            rowl = tl.load(RowL + bh64 * Lp + offs_m)
+        else:
+            rowl = lse
     if COMPUTE_DQ:
         dq, dsum, _m, _l = _q_pass(
             dq, dsum, dsum, dsum, q, do, lse, rowl, delta, pk_ptrs, pv_ptrs, k_ptrs, v_ptrs, kpm_ptr,
@@ -740,18 +751,16 @@ def bwd_specs() -> list[KernelSpec]:
             for bd in BLOCK_DS:
                 tiles = table[(family(dtype), bd)]
                 for vname, var in BWD_VARIANTS.items():
-                    feats = dict(IEEE=ieee, EVEN_D=var["EVEN_D"], DROPOUT=var["DROPOUT"])
+                    feats = dict(IEEE=ieee, EVEN_D=var["EVEN_D"] or (ieee and bd == 256), DROPOUT=var["DROPOUT"])
                     masked = masked_launch(var)
                     bm, bn, w, st = pick_tile(tiles, "dq", masked)
                     for kname, dq_on in (("dq", True), ("stats", False)):
-                        if ieee and not dq_on:
-                            continue  # fp32 always computes dQ in this pass
                         specs.append(KernelSpec(
                             name=f"prefix_attn_bwd_{kname}[{atag},d={bd},{tname},{vname}]", fn=_attn_bwd_dq,
                             signature=sig_q, constexprs={
                                 "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, **feats, "CAUSAL": var["CAUSAL"],
                                 "HAS_MASK": var["HAS_MASK"], "HAS_PREFIX": var["HAS_PREFIX"],
-                                "COMPUTE_DQ": dq_on, **_units(_attn_bwd_dq)},
+                                "STATS": not (ieee and dq_on), "COMPUTE_DQ": dq_on, **_units(_attn_bwd_dq)},
                             num_warps=w, num_stages=st, expect_wgmma=not ieee and bm >= 64 and bn >= 16,
                             **_arch_kw(archs, _attn_bwd_dq)))
                     for atomic in (False, True):  # deterministic / atomic launches
@@ -876,11 +885,18 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
             return dq, dk, dv, None, None
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     vec = vec_for(q.dtype)
-    (dout, q, k, v, prefix_k, prefix_v), Dp = align_inputs((dout, q, k, v, prefix_k, prefix_v), D, vec)
+    # fp32 with 128 < D < 256: the ragged-head-dim kernels (fp64 score products, dropout, masks) spill
+    # there, so the head dim is zero-padded to 256 in a copy; zero columns change no score, and the
+    # extra gradient columns are dropped
+    pad_d = q.dtype == torch.float32 and 128 < D < 256
+    (dout, q, k, v, prefix_k, prefix_v), Dp = align_inputs((dout, q, k, v, prefix_k, prefix_v), D,
+                                                           256 if pad_d else vec)
+    Dk = Dp if pad_d else D  # the head dim the kernels see
     # the kernels write dq/dk/dv straight into the caller-layout outputs when their head-dim stride is 1
     outs = []
     for o in (dq, dk, dv):
-        outs.append(o if (o.stride(-1) == 1 or D == 1) else torch.empty(o.shape, dtype=o.dtype, device=dev))
+        direct = (o.stride(-1) == 1 or D == 1) and not pad_d
+        outs.append(o if direct else torch.empty((*o.shape[:-1], Dk), dtype=o.dtype, device=dev))
     dq_w, dk_w, dv_w = outs
     pidx_dummy, mask_dummy = _dummies(dev)
     f32 = torch.float32
@@ -898,7 +914,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     ieee = q.dtype == torch.float32
     arch = device_arch(dev)
     bd = block_d_for(Dp)
-    even_d = D == bd
+    even_d = Dk == bd
     group = Hq // Hkv
     scale, dropout_p, seed = float(scale), float(dropout_p), int(seed)
     feats = dict(IEEE=ieee, CAUSAL=bool(causal), HAS_MASK=key_padding_mask is not None, DROPOUT=dropout_p > 0.0,
@@ -916,22 +932,24 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     lse = lse.contiguous()
     qs, ks, vs, dos = _strides(q), _strides(k), _strides(v), _strides(dout)
 
-    _attn_bwd_dq[(Lp // qbm, B * Hq)](
-        q, k, v, pk, pv, pidx, kpm, dout, lse, lse_s, row_l, delta, dq_w,
-        *qs, *ks, *vs, *pks, *pvs, *ms, *dos, *_strides(dq_w),
-        Hq, L, Lp, S, P, max(T, 1), D, group, scale, dropout_p, seed,
-        BLOCK_M=qbm, BLOCK_N=qbn, BLOCK_D=bd, HAS_PREFIX=has_prefix, COMPUTE_DQ=not atomic_dq, **feats,
-        num_warps=qw, num_stages=qst)
+    # 16-bit: one launch (statistics, then dQ unless atomic); fp32: statistics, then a dQ launch
+    for stats, compute_dq in (((True, False), (False, True)) if ieee else ((True, not atomic_dq),)):
+        _attn_bwd_dq[(Lp // qbm, B * Hq)](
+            q, k, v, pk, pv, pidx, kpm, dout, lse, lse_s, row_l, delta, dq_w,
+            *qs, *ks, *vs, *pks, *pvs, *ms, *dos, *_strides(dq_w),
+            Hq, L, Lp, S, P, max(T, 1), Dk, group, scale, dropout_p, seed,
+            BLOCK_M=qbm, BLOCK_N=qbn, BLOCK_D=bd, HAS_PREFIX=has_prefix, STATS=stats, COMPUTE_DQ=compute_dq,
+            **feats, num_warps=qw, num_stages=qst)
 
     if atomic_dq:
-        dqa = torch.zeros((B, Hq, L, D), dtype=f32, device=dev)
+        dqa = torch.zeros((B, Hq, L, Dk), dtype=f32, device=dev)
         dqas = _strides(dqa)[:3]
     else:
         dqa, dqas = lse_s, (0, 0, 0)
     _attn_bwd_dkdv[(triton.cdiv(S, kbn), B * Hkv)](
         q, k, v, kpm, dout, lse_s, row_l, delta, dk_w, dv_w, dqa,
         *qs, *ks, *vs, *ms, *dos, *_strides(dk_w), *_strides(dv_w), *dqas,
-        Hq, Hkv, L, Lp, S, P, D, group, scale, dropout_p, seed,
+        Hq, Hkv, L, Lp, S, P, Dk, group, scale, dropout_p, seed,
         BLOCK_M=kbm, BLOCK_N=kbn, BLOCK_D=bd, ATOMIC_DQ=atomic_dq, **feats, num_warps=kw, num_stages=kst)
 
     dpk = dpv = None
@@ -944,23 +962,24 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         # slots of the tasks split over >= 2 chunks: at most min(n_chunks, 2 * cdiv(B, R)), none if R >= B
         n_slots = 0 if (atomic or R >= B) else min(n_chunks, 2 * triton.cdiv(B, R))
         alloc = torch.zeros if atomic else torch.empty
-        dpk_o = alloc((T + n_slots, Hkv, P, D), dtype=f32, device=dev)
-        dpv_o = alloc((T + n_slots, Hkv, P, D), dtype=f32, device=dev)
+        dpk_o = alloc((T + n_slots, Hkv, P, Dk), dtype=f32, device=dev)
+        dpv_o = alloc((T + n_slots, Hkv, P, Dk), dtype=f32, device=dev)
         _attn_bwd_dkdv_prefix[(n_chunks, n_pb, Hkv)](
             q, prefix_k, prefix_v, dout, lse_s, row_l, delta, order, c_task, c_lo, c_hi, first, part_first,
             dpk_o, dpv_o, dqa,
             *qs, *pks, *pvs, *dos, *dqas,
-            Hq, Hkv, L, Lp, P, T, D, group, scale, dropout_p, seed,
+            Hq, Hkv, L, Lp, P, T, Dk, group, scale, dropout_p, seed,
             BLOCK_M=pbm, BLOCK_N=pbn, BLOCK_D=bd, IEEE=ieee, DROPOUT=feats["DROPOUT"], EVEN_D=even_d,
             ATOMIC_DQ=atomic_dq, ATOMIC=atomic, num_warps=pw, num_stages=pst)
         if not atomic:  # sums the split tasks' partials, zeros the tasks no row uses
             blk, w, st = REDUCE_CONFIG
-            _prefix_reduce[(T * Hkv, triton.cdiv(P * D, blk))](
-                dpk_o, dpv_o, first, part_first, T, Hkv, P * D, BLOCK=blk, num_warps=w, num_stages=st)
-        dpk, dpv = gradient_like(pk_in).copy_(dpk_o[:T]), gradient_like(pv_in).copy_(dpv_o[:T])
+            _prefix_reduce[(T * Hkv, triton.cdiv(P * Dk, blk))](
+                dpk_o, dpv_o, first, part_first, T, Hkv, P * Dk, BLOCK=blk, num_warps=w, num_stages=st)
+        dpk = gradient_like(pk_in).copy_(dpk_o[:T, ..., :D])
+        dpv = gradient_like(pv_in).copy_(dpv_o[:T, ..., :D])
     if atomic_dq:
         dq_w.copy_(dqa.mul_(scale))
     for o, w_ in ((dq, dq_w), (dk, dk_w), (dv, dv_w)):
         if o is not w_:
-            o.copy_(w_)
+            o.copy_(w_[..., :D])
     return dq, dk, dv, dpk, dpv

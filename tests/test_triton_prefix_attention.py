@@ -522,8 +522,7 @@ def test_aot_specs_cover_every_launch_choice():
                         assert f"prefix_attn_bwd_{kind}[{tag},d={bd},{dt},{var}]" in names
                         if (dt != "fp32" and kind != "dq") or kind == "dkdv_prefix":
                             assert f"prefix_attn_bwd_{kind}[{tag},d={bd},{dt},{var},atomic]" in names
-                    if dt != "fp32":
-                        assert f"prefix_attn_bwd_stats[{tag},d={bd},{dt},{var}]" in names
+                    assert f"prefix_attn_bwd_stats[{tag},d={bd},{dt},{var}]" in names  # fp32: its own launch
     # each backward spec compiles the tile the launcher picks for its variant on its archs
     kinds = {"dq": "dq", "stats": "dq", "dkdv": "dkdv", "dkdv_prefix": "prefix"}
     for s in specs:
@@ -600,6 +599,37 @@ def test_shipped_sm80_tiles_under_the_interpreter(monkeypatch, D, deterministic)
     c = make_case(27, torch.bfloat16, P=70, D=D, L=70, S=75, B=1, Hkv=1, group=2, causal=True, mask=True,
                   form="shared")
     check_case(c, dropout_p=0.1, seed=5, deterministic=deterministic)
+
+
+@pytest.mark.parametrize("D,form", [(200, "task"), (129, "shared")])
+def test_fp32_head_dim_between_128_and_256_is_padded_to_256(D, form):
+    """fp32 with 128 < D < 256: the launcher zero-pads the head dim to 256 (the ragged-D kernels spill
+    there) and drops the extra columns; every gradient against the reference with every feature on,
+    q / k given in [B, L, H, D] storage (their gradients keep it)."""
+    rng = np.random.default_rng(28)
+    c = make_case(28 + D, torch.float32, P=19, D=D, L=21, S=33, B=2, Hkv=1, group=2, causal=True, mask=True,
+                  form=form)
+    c["q"], c["k"] = (_tensor(rng, tuple(t.shape), torch.float32, "bxhd") for t in (c["q"], c["k"]))
+    _, _, (dq, dk, dv, dpk, dpv) = check_case(c, dropout_p=0.2, seed=6)
+    assert dq.shape[-1] == D and dpk.shape == c["pk"].shape and dpv.shape == c["pv"].shape
+    assert dq.stride() == c["q"].stride() and dk.stride() == c["k"].stride()
+
+
+def test_one_task_chunk_table_equals_the_sorted_one():
+    """T = 1 skips the sort / bincount / searchsorted: same table as the general path."""
+    for B in (1, 2, 5, 8):
+        for R in (1, 2, 3, 8):
+            n_chunks = min(B, -(-B // R))
+            idx = torch.zeros(B, dtype=torch.int64)
+            fast = tbwd._chunk_table(idx, 1, B, R, n_chunks)
+            general = tbwd._chunk_table(idx, 2, B, R, n_chunks + 1)  # task 1 has no rows: one empty chunk
+            names = ("order", "task", "lo", "hi", "first", "part_first")
+            for name, a, b in zip(names, fast, general):
+                if name in ("first", "part_first"):
+                    b = b[:2]
+                elif name in ("task", "lo", "hi"):
+                    b = b[:n_chunks]
+                assert torch.equal(a, b), (B, R, name, a, b)
 
 
 def test_gradients_keep_the_input_layouts():

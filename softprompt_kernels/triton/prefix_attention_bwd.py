@@ -844,6 +844,8 @@ def _chunk_table(prefix_index, T: int, B: int, R: int, n_chunks: int):
     chunk c covers order[chunk_lo[c]:chunk_hi[c]] (ascending b, one task); a task's chunks are
     consecutive, first_chunk[t] its first; part_first[t] its first partial slot (tasks of >= 2 chunks)."""
     dev = prefix_index.device
+    if T == 1:
+        return _one_task_chunk_table(B, R, n_chunks, dev)
     idx = prefix_index.to(torch.int64).clamp(0, T - 1)
     order = torch.sort(idx, stable=True)[1]
     counts = torch.bincount(idx, minlength=T)
@@ -861,6 +863,15 @@ def _chunk_table(prefix_index, T: int, B: int, R: int, n_chunks: int):
     lo = torch.where(live, lo, 0)
     hi = torch.where(live, hi, 0)
     return order, task, lo, hi, first, part_first
+
+
+def _one_task_chunk_table(B: int, R: int, n_chunks: int, dev):
+    """_chunk_table for T = 1 (a shared prefix): the rows in order, no sort / bincount / searchsorted."""
+    kk = torch.arange(n_chunks, dtype=torch.int64, device=dev)
+    lo = kk * R
+    first = torch.arange(0, 2 * n_chunks, n_chunks, dtype=torch.int64, device=dev)  # [0, n_chunks]
+    return (torch.arange(B, dtype=torch.int64, device=dev), torch.zeros_like(kk), lo, torch.clamp(lo + R, max=B),
+            first, first * int(n_chunks > 1))
 
 
 def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *,

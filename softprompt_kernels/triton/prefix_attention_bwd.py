@@ -10,7 +10,9 @@ Passes:
   16-bit, deterministic:  _attn_bwd_dq (per query tile: Delta, then dQ; 3 + 2 GEMMs) -> dK/dV kernels (4).
   16-bit, atomic:         _attn_bwd_dq as a stats pass (Delta only; 2) -> dK/dV kernels that also add dQ
                           with fp32 atomics (5 GEMMs), dQ = scale * accumulator.
-  fp32:                   always the dQ pass (it recomputes each row's max and sum, see _attn_bwd_dq).
+  fp32:                   _attn_bwd_dq twice: statistics (recomputes each row's max and sum, see
+                          _attn_bwd_dq), then dQ (2 + 2 GEMMs) -> dK/dV kernels (4); 128 < D < 256 is
+                          zero-padded to 256 by the launcher (the ragged-head-dim fp32 kernels spill).
 dK/dV: _attn_bwd_dkdv owns one (sequence key block, b, kv head); _attn_bwd_dkdv_prefix one (row chunk,
 prefix key block, kv head) and loops over the chunk's rows (rows of one task in ascending b order), the
 GQA group's query heads and every query block.  Deterministic prefix grads: a task that fits in one chunk
@@ -659,10 +661,9 @@ BWD_TILES[80] = {
                   "prefix_atomic_masked": (32, 32, 8, 2)},
     ("16", 256): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 32, 8, 1),
                   "dkdv_masked": (16, 32, 8, 1), "prefix_atomic_masked": (16, 16, 8, 2)},
-    # fp32 (fp64 score products): own sm_80 entries, zero spills under triton 3.9 and 3.6 on every
-    # variant except the masked d = 256 dQ ("full" spills 112 B under 3.6; no tile tried avoids it)
+    # fp32 (fp64 score products; statistics and dQ in separate launches): own sm_80 entries
     ("32", 32): {"dq": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1)},
-    ("32", 64): {"dq": (16, 16, 4, 1), "dkdv": (32, 16, 4, 1), "dkdv_masked": (16, 16, 8, 2)},
+    ("32", 64): {"dq": (16, 32, 4, 1), "dkdv": (32, 16, 4, 1), "dkdv_masked": (16, 16, 8, 2)},
     ("32", 128): {"dq": (16, 32, 8, 1), "dkdv": (16, 16, 8, 1)},
     ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1)},
 }

@@ -601,10 +601,10 @@ def test_shipped_sm80_tiles_under_the_interpreter(monkeypatch, D, deterministic)
     check_case(c, dropout_p=0.1, seed=5, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("D,form", [(200, "task"), (129, "shared")])
-def test_fp32_head_dim_between_128_and_256_is_padded_to_256(D, form):
-    """fp32 with 128 < D < 256: the launcher zero-pads the head dim to 256 (the ragged-D kernels spill
-    there) and drops the extra columns; every gradient against the reference with every feature on,
+@pytest.mark.parametrize("D,form", [(200, "task"), (129, "shared"), (80, "shared"), (20, "task")])
+def test_fp32_ragged_head_dim_is_padded_to_block_d(D, form):
+    """fp32 with a ragged head dim: the launcher zero-pads it to BLOCK_D (the ragged-D fp32 kernels
+    spill) and drops the extra columns; every gradient against the reference with every feature on,
     q / k given in [B, L, H, D] storage (their gradients keep it)."""
     rng = np.random.default_rng(28)
     c = make_case(28 + D, torch.float32, P=19, D=D, L=21, S=33, B=2, Hkv=1, group=2, causal=True, mask=True,

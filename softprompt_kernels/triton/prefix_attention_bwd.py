@@ -11,8 +11,8 @@ Passes:
   16-bit, atomic:         _attn_bwd_dq as a stats pass (Delta only; 2) -> dK/dV kernels that also add dQ
                           with fp32 atomics (5 GEMMs), dQ = scale * accumulator.
   fp32:                   _attn_bwd_dq twice: statistics (recomputes each row's max and sum, see
-                          _attn_bwd_dq), then dQ (2 + 2 GEMMs) -> dK/dV kernels (4); 128 < D < 256 is
-                          zero-padded to 256 by the launcher (the ragged-head-dim fp32 kernels spill).
+                          _attn_bwd_dq), then dQ (2 + 2 GEMMs) -> dK/dV kernels (4); a ragged head dim
+                          is zero-padded to BLOCK_D by the launcher (the ragged-D fp32 kernels spill).
 dK/dV: _attn_bwd_dkdv owns one (sequence key block, b, kv head); _attn_bwd_dkdv_prefix one (row chunk,
 prefix key block, kv head) and loops over the chunk's rows (rows of one task in ascending b order), the
 GQA group's query heads and every query block.  Deterministic prefix grads: a task that fits in one chunk
@@ -643,7 +643,7 @@ BWD_TILES = {
         ("16", 256): {"dq": (16, 32, 4, 1), "dq_masked": (16, 32, 8, 1), "dkdv": (32, 64, 8, 1),
                       "dkdv_atomic": (32, 32, 8, 1), "prefix": (32, 32, 8, 1), "prefix_atomic": (32, 32, 8, 1),
                       "dkdv_masked": (16, 16, 8, 1), "prefix_masked": (16, 32, 8, 1)},
-        ("32", 32): {"dq": (32, 16, 8, 1), "dkdv": (16, 32, 4, 1)},
+        ("32", 32): {"dq": (16, 32, 4, 1), "dkdv": (16, 32, 4, 1)},
         ("32", 64): {"dq": (16, 32, 4, 1), "dkdv": (32, 32, 4, 1)},
         ("32", 128): {"dq": (32, 16, 8, 1), "dq_masked": (16, 32, 4, 1), "dkdv": (16, 16, 8, 1)},
         ("32", 256): {"dq": (16, 32, 8, 1), "dkdv": (32, 16, 8, 1)},
@@ -752,7 +752,7 @@ def bwd_specs() -> list[KernelSpec]:
             for bd in BLOCK_DS:
                 tiles = table[(family(dtype), bd)]
                 for vname, var in BWD_VARIANTS.items():
-                    feats = dict(IEEE=ieee, EVEN_D=var["EVEN_D"] or (ieee and bd == 256), DROPOUT=var["DROPOUT"])
+                    feats = dict(IEEE=ieee, EVEN_D=var["EVEN_D"] or ieee, DROPOUT=var["DROPOUT"])
                     masked = masked_launch(var)
                     bm, bn, w, st = pick_tile(tiles, "dq", masked)
                     for kname, dq_on in (("dq", True), ("stats", False)):
@@ -897,12 +897,12 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
             return dq, dk, dv, None, None
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     vec = vec_for(q.dtype)
-    # fp32 with 128 < D < 256: the ragged-head-dim kernels (fp64 score products, dropout, masks) spill
-    # there, so the head dim is zero-padded to 256 in a copy; zero columns change no score, and the
-    # extra gradient columns are dropped
-    pad_d = q.dtype == torch.float32 and 128 < D < 256
+    # fp32 with a ragged head dim (D not a BLOCK_D): the ragged-D kernels (fp64 score products, with
+    # dropout and masks) spill, so the head dim is zero-padded to BLOCK_D in a copy; zero columns change
+    # no score, and the extra gradient columns are dropped
+    pad_d = q.dtype == torch.float32 and D != block_d_for(D)
     (dout, q, k, v, prefix_k, prefix_v), Dp = align_inputs((dout, q, k, v, prefix_k, prefix_v), D,
-                                                           256 if pad_d else vec)
+                                                           block_d_for(D) if pad_d else vec)
     Dk = Dp if pad_d else D  # the head dim the kernels see
     # the kernels write dq/dk/dv straight into the caller-layout outputs when their head-dim stride is 1
     outs = []

@@ -6,7 +6,8 @@ Three parts:
    theoretical occupancy, wgmma;
 2. main-loop instructions per score element from the sm_90 SASS of those compiles
    (``softprompt_kernels.triton.sass_stats``): per main loop, its SASS instructions x warps x 32
-   / score elements per iteration, and the wgmma shapes — a static count, not a timing;
+   / score elements per iteration, and the wgmma shapes — a static count, not a timing — with a
+   verdict per static target (``static_targets``);
 3. for canonical prefix-tuning shapes, analytic FLOPs and minimum bytes moved by
    ``prefix_attention`` forward and forward+backward, and the H100 SXM roofline floor
    (989 TFLOP/s dense bf16, 3.35 TB/s).  The floor is a lower bound computed from those two
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from dataclasses import asdict, dataclass
 from typing import Optional
@@ -178,6 +180,65 @@ def format_loops(rows: list[dict]) -> str:
     return "\n".join(lines + [fmt(o) for o in out])
 
 
+TARGET_SECTION = "static targets (sm_90 SASS, 16-bit, D = 64 and 128, the \"plain\" launch)"
+FWD_TARGET, BWD_TARGET, MIN_WGMMA_N = 12.0, 25.0, 64
+_D_16BIT = re.compile(r"d=(64|128),(bf16|fp16)")
+
+
+def _target_loops(compiled: list[dict], kernel: re.Pattern) -> list[tuple[str, dict]]:
+    """(name, loop) of every sm_90 16-bit D = 64 / 128 "plain" spec whose name matches ``kernel``."""
+    out = []
+    for r in compiled:
+        if (r.get("error") or r.get("arch") != 90 or not kernel.match(r["name"]) or not _D_16BIT.search(r["name"])
+                or not r["name"].endswith(",plain]")):
+            continue
+        out.extend((r["name"], lp) for lp in (r.get("extra") or {}).get("loops") or [])
+    return out
+
+
+def static_targets(compiled: list[dict]) -> list[tuple[str, str, str]]:
+    """(target, verdict "met" / "NOT met" / "not compiled", worst figure) for the Triton static targets:
+    forward <= 12 thread-instructions per score element in its unmasked loops (no FSEL), dQ / row
+    statistics / sequence dK/dV (deterministic) <= 25 in every loop, wgmma N >= 64 for every forward
+    GEMM and for the dK / dV GEMMs of the dK/dV loop (their N is D; the loop's K Q^T GEMM has N =
+    BLOCK_M), and zero spills on every compile."""
+    from .triton.sass_stats import wgmma_n
+
+    fwd = [(n, lp) for n, lp in _target_loops(compiled, re.compile(r"prefix_attn_fwd\[")) if "FSEL" not in lp["ops"]]
+    fwd_all = _target_loops(compiled, re.compile(r"prefix_attn_fwd\["))
+    dq = _target_loops(compiled, re.compile(r"prefix_attn_bwd_(dq|stats)\["))
+    dkdv = _target_loops(compiled, re.compile(r"prefix_attn_bwd_dkdv\["))
+
+    def worst_ips(loops, limit):
+        if not loops:
+            return "not compiled", "-"
+        name, lp = max(loops, key=lambda x: x[1]["instr_per_score"] or 0.0)
+        w = lp["instr_per_score"] or 0.0
+        return ("met" if w <= limit else "NOT met"), f"{w:.1f} ({name})"
+
+    def min_n(loops, per_loop=min):
+        if not loops:
+            return "not compiled", "-"
+        ns = [(per_loop(wgmma_n(lp) or [0]), name) for name, lp in loops]
+        w, name = min(ns)
+        return ("met" if w >= MIN_WGMMA_N else "NOT met"), f"N = {w} ({name})"
+
+    spilled = [r["name"] + f" sm_{r['arch']}" for r in compiled if not r.get("error") and r.get("spills")]
+    rows = [(f"forward unmasked loops <= {FWD_TARGET:g} instr/score", *worst_ips(fwd, FWD_TARGET)),
+            (f"dQ and row-statistics loops <= {BWD_TARGET:g} instr/score", *worst_ips(dq, BWD_TARGET)),
+            (f"sequence dK/dV loop (deterministic) <= {BWD_TARGET:g} instr/score", *worst_ips(dkdv, BWD_TARGET)),
+            (f"forward wgmma N >= {MIN_WGMMA_N}", *min_n(fwd_all)),
+            (f"dK/dV GEMMs (N = D) wgmma N >= {MIN_WGMMA_N}", *min_n(dkdv, max)),
+            ("zero spills on every compile", "met" if compiled and not spilled else
+             ("not compiled" if not compiled else "NOT met"), ", ".join(spilled[:3]) or "-")]
+    return rows
+
+
+def format_targets(rows: list[tuple[str, str, str]]) -> str:
+    w = max(len(r[0]) for r in rows)
+    return "\n".join(f"{t.ljust(w)}  {v.ljust(12)}  {fig}" for t, v, fig in rows)
+
+
 def main(argv: Optional[list] = None) -> int:
     p = argparse.ArgumentParser(prog="softprompt-kernels report", description=__doc__.split("\n\n")[0])
     p.add_argument("--json", help="also write the report as JSON")
@@ -208,6 +269,9 @@ def main(argv: Optional[list] = None) -> int:
             print(f"== {LOOP_SECTION} ==")
             print(format_loops(loop_rows(compiled, 90)))
             print()
+            print(f"== {TARGET_SECTION} ==")
+            print(format_targets(static_targets(compiled)))
+            print()
     rows = analytic_rows()
     print("== analytic FLOPs / minimum bytes per canonical shape ==")
     print(format_analytic(rows))
@@ -215,7 +279,9 @@ def main(argv: Optional[list] = None) -> int:
         with open(args.json, "w") as f:
             json.dump({"note": f"static report; no GPU was used; h100_floor_us is a {FLOOR_LABEL}",
                        "hardware_for_floor": H100_SXM, "compiled": compiled,
-                       "main_loops_sm90": loop_rows(compiled, 90), "analytic": rows}, f, indent=1)
+                       "main_loops_sm90": loop_rows(compiled, 90),
+                       "static_targets": [dict(zip(("target", "verdict", "worst"), t)) for t in static_targets(compiled)],
+                       "analytic": rows}, f, indent=1)
     return rc
 
 

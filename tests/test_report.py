@@ -149,3 +149,50 @@ def test_report_main_loop_section(monkeypatch, capsys, tmp_path):
     assert [r["instructions"] for r in data["main_loops_sm90"]] == [467, 670]
     rc, out, _ = _run(monkeypatch, capsys, ["--arch", "80"])
     assert "main-loop instructions" not in out
+
+
+def _loop(ips, mma, ops=None):
+    return {"instructions": 1, "mma": mma, "mma_flops": 1, "scores_per_iter": 1, "instr_per_score": ips,
+            "ops": ops or {}}
+
+
+def _compiled(name, loops, arch=90, spills=False):
+    return dict(FAKE[0], name=name, arch=arch, spills=spills, extra={"loops": loops})
+
+
+def test_static_targets_verdicts():
+    """Met, NOT met and not compiled, from compiled rows: the forward counts only its unmasked loops
+    (no FSEL), the dK/dV wgmma target reads the largest N of the loop (the dK / dV GEMMs)."""
+    good = [
+        _compiled("prefix_attn_fwd[d=64,bf16,sm90,plain]", [_loop(7.3, {"m64n128k16": 4}),
+                                                           _loop(30.0, {"m64n64k16": 4}, {"FSEL": 8})]),
+        _compiled("prefix_attn_fwd[d=128,fp16,sm90,full]", [_loop(80.0, {"m64n32k16": 4})]),  # not "plain"
+        _compiled("prefix_attn_bwd_dq[sm90,d=128,bf16,plain]", [_loop(18.4, {"m64n128k16": 2, "m64n32k16": 2})]),
+        _compiled("prefix_attn_bwd_dkdv[sm90,d=128,bf16,plain]", [_loop(19.1, {"m64n128k16": 4, "m64n32k16": 2})]),
+        _compiled("prefix_attn_bwd_dkdv[sm90,d=128,fp32,plain]", [_loop(99.0, {})]),         # fp32: no target
+        _compiled("prefix_attn_bwd_dkdv[sm80,d=64,bf16,plain]", [_loop(99.0, {})], arch=80),
+    ]
+    verdicts = [v for _, v, _ in report.static_targets(good)]
+    assert verdicts == ["met"] * 6, report.static_targets(good)
+    bad = good[:2] + [
+        _compiled("prefix_attn_bwd_stats[sm90,d=64,fp16,plain]", [_loop(25.5, {"m64n64k16": 2})]),
+        _compiled("prefix_attn_bwd_dkdv[sm90,d=64,fp16,plain]", [_loop(12.5, {"m64n32k16": 4})]),
+        _compiled("prefix_attn_bwd_dkdv[sm80,d=64,fp32,plain]", [], arch=80, spills=True),
+    ]
+    rows = {t: (v, w) for t, v, w in report.static_targets(bad)}
+    assert rows["dQ and row-statistics loops <= 25 instr/score"] == (
+        "NOT met", "25.5 (prefix_attn_bwd_stats[sm90,d=64,fp16,plain])")
+    assert rows["sequence dK/dV loop (deterministic) <= 25 instr/score"][0] == "met"
+    assert rows["dK/dV GEMMs (N = D) wgmma N >= 64"][0] == "NOT met"
+    assert rows["zero spills on every compile"] == ("NOT met", "prefix_attn_bwd_dkdv[sm80,d=64,fp32,plain] sm_80")
+    rows = {t: v for t, v, _ in report.static_targets(good[:1])}
+    assert rows["dQ and row-statistics loops <= 25 instr/score"] == "not compiled"
+
+
+def test_report_prints_the_static_targets(monkeypatch, capsys, tmp_path):
+    out_json = tmp_path / "r.json"
+    rc, out, _ = _run(monkeypatch, capsys, ["--json", str(out_json)])
+    assert rc == 0 and f"== {report.TARGET_SECTION} ==" in out
+    assert "zero spills on every compile" in out
+    data = json.loads(out_json.read_text())
+    assert [t["target"] for t in data["static_targets"]][0].startswith("forward unmasked loops")

@@ -1,6 +1,6 @@
 """Every transformers / peft version-specific detail of the integration, in one place.
 
-Tested: transformers 5.17 .. 5.24, peft 0.21.  Features are detected with signature /
+Tested: transformers 5.17 .. 5.25, peft 0.21.  Features are detected with signature /
 attribute probes, not version strings; the version range only drives the warning that
 ``apply`` gives on an untested release.
 """
@@ -15,7 +15,7 @@ import transformers
 from transformers import masking_utils
 from transformers.cache_utils import Cache, DynamicCache, DynamicLayer, EncoderDecoderCache
 
-TESTED_TRANSFORMERS = ("5.17", "5.24")  # oldest and newest minor release the test suite runs
+TESTED_TRANSFORMERS = ("5.17", "5.25")  # oldest and newest minor release the test suite runs
 TESTED_PEFT = ("0.21", "0.21")
 
 __all__ = [

@@ -204,8 +204,8 @@ def static_targets(compiled: list[dict]) -> list[tuple[str, str, str]]:
     BLOCK_M), and zero spills on every compile."""
     from .triton.sass_stats import wgmma_n
 
-    fwd = [(n, lp) for n, lp in _target_loops(compiled, re.compile(r"prefix_attn_fwd\[")) if "FSEL" not in lp["ops"]]
     fwd_all = _target_loops(compiled, re.compile(r"prefix_attn_fwd\["))
+    fwd = [(n, lp) for n, lp in fwd_all if "FSEL" not in lp["ops"]]
     dq = _target_loops(compiled, re.compile(r"prefix_attn_bwd_(dq|stats)\["))
     dkdv = _target_loops(compiled, re.compile(r"prefix_attn_bwd_dkdv\["))
 

@@ -681,6 +681,12 @@ BWD_VARIANTS = {
 }
 
 
+def dq_launches(ieee: bool, atomic_dq: bool) -> tuple:
+    """(STATS, COMPUTE_DQ) of each _attn_bwd_dq launch, in order: 16-bit one launch (statistics, then
+    dQ unless it is added atomically by the dK/dV kernels); fp32 statistics, then a dQ launch."""
+    return ((True, False), (False, True)) if ieee else ((True, not atomic_dq),)
+
+
 def masked_launch(flags: dict) -> bool:
     """A launch (feature constexprs) that takes the masked tiles: padding mask, dropout or ragged head dim."""
     return bool(flags["HAS_MASK"] or flags["DROPOUT"] or not flags["EVEN_D"])
@@ -755,13 +761,15 @@ def bwd_specs() -> list[KernelSpec]:
                     feats = dict(IEEE=ieee, EVEN_D=var["EVEN_D"] or ieee, DROPOUT=var["DROPOUT"])
                     masked = masked_launch(var)
                     bm, bn, w, st = pick_tile(tiles, "dq", masked)
-                    for kname, dq_on in (("dq", True), ("stats", False)):
+                    launches = sorted(set(dq_launches(ieee, False) + dq_launches(ieee, True)))
+                    for stats, dq_on in launches:
+                        kname = "dq" if dq_on else "stats"
                         specs.append(KernelSpec(
                             name=f"prefix_attn_bwd_{kname}[{atag},d={bd},{tname},{vname}]", fn=_attn_bwd_dq,
                             signature=sig_q, constexprs={
                                 "BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bd, **feats, "CAUSAL": var["CAUSAL"],
                                 "HAS_MASK": var["HAS_MASK"], "HAS_PREFIX": var["HAS_PREFIX"],
-                                "STATS": not (ieee and dq_on), "COMPUTE_DQ": dq_on, **_units(_attn_bwd_dq)},
+                                "STATS": stats, "COMPUTE_DQ": dq_on, **_units(_attn_bwd_dq)},
                             num_warps=w, num_stages=st, expect_wgmma=not ieee and bm >= 64 and bn >= 16,
                             **_arch_kw(archs, _attn_bwd_dq)))
                     for atomic in (False, True):  # deterministic / atomic launches
@@ -897,10 +905,11 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
             return dq, dk, dv, None, None
         return dq, dk, dv, torch.zeros_like(prefix_k), torch.zeros_like(prefix_v)
     vec = vec_for(q.dtype)
+    ieee = q.dtype == torch.float32
     # fp32 with a ragged head dim (D not a BLOCK_D): the ragged-D kernels (fp64 score products, with
     # dropout and masks) spill, so the head dim is zero-padded to BLOCK_D in a copy; zero columns change
     # no score, and the extra gradient columns are dropped
-    pad_d = q.dtype == torch.float32 and D != block_d_for(D)
+    pad_d = ieee and D != block_d_for(D)
     (dout, q, k, v, prefix_k, prefix_v), Dp = align_inputs((dout, q, k, v, prefix_k, prefix_v), D,
                                                            block_d_for(D) if pad_d else vec)
     Dk = Dp if pad_d else D  # the head dim the kernels see
@@ -923,7 +932,6 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
         kpm, ms = mask_dummy, (0, 1)
     else:
         kpm, ms = key_padding_mask.view(torch.uint8), _strides(key_padding_mask, 2)
-    ieee = q.dtype == torch.float32
     arch = device_arch(dev)
     bd = block_d_for(Dp)
     even_d = Dk == bd
@@ -944,8 +952,7 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     lse = lse.contiguous()
     qs, ks, vs, dos = _strides(q), _strides(k), _strides(v), _strides(dout)
 
-    # 16-bit: one launch (statistics, then dQ unless atomic); fp32: statistics, then a dQ launch
-    for stats, compute_dq in (((True, False), (False, True)) if ieee else ((True, not atomic_dq),)):
+    for stats, compute_dq in dq_launches(ieee, atomic_dq):
         _attn_bwd_dq[(Lp // qbm, B * Hq)](
             q, k, v, pk, pv, pidx, kpm, dout, lse, lse_s, row_l, delta, dq_w,
             *qs, *ks, *vs, *pks, *pvs, *ms, *dos, *_strides(dq_w),

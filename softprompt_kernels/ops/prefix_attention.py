@@ -254,6 +254,70 @@ def _backward(ctx, dout, dlse):
 _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ------------------------------------------------------------------ eager CPU autograd
+def _eager_torch_path(backend: str, tensors) -> bool:
+    """Backend "torch" on plain CPU tensors outside torch.compile and any dispatch mode: the op runs
+    through ``_EagerTorchAttention`` instead of the custom op (the custom op stays the path
+    that torch.compile, fake tensors and dispatch modes see)."""
+    return (backend == "torch" and tensors[0].device.type == "cpu" and not torch.compiler.is_compiling()
+            and torch._C._len_torch_dispatch_stack() == 0
+            and all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors))
+
+
+class _EagerTorchAttention(torch.autograd.Function):
+    """Eager autograd of the PyTorch backend, the same numbers as the custom op.
+
+    What it saves over the custom op: the dispatcher round trip, the ``[prefix, keys]``
+    K/V concatenation in the backward (the fused path's key parts are saved from the
+    forward, in place of k and v, so no more memory than k and v), and the layout copy of
+    dq / dk / dv (they come back as ATen's flash backward gives them: ``[B, L | S, H, D]``
+    storage, dk / dv possibly views into the joint gradient; autograd takes any strides).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, causal, scale, dropout_p):
+        from . import torch_attention as ta
+
+        out, lse, parts = ta.forward_with_parts(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+                                                causal=causal, scale=scale, dropout_p=dropout_p,
+                                                seed=_seed_value(seed))
+        out = conform(out, empty_output(q))
+        ctx.options = (causal, scale, dropout_p, _seed_value(seed))
+        ctx.k_meta = (k.shape, k.dtype)
+        ctx.has_prefix = prefix_k is not None
+        if parts is None:  # blockwise path: its backward reads k and v
+            ctx.part_meta = None
+            ctx.save_for_backward(q, out, lse, prefix_k, prefix_v, prefix_index, key_padding_mask, k, v)
+        else:
+            ctx.part_meta = [(is_causal, kind) for _, _, is_causal, _, _, kind in parts]
+            flat = [t for pk, pv, _, mask, seen, _ in parts for t in (pk, pv, mask, seen)]
+            ctx.save_for_backward(q, out, lse, prefix_k, prefix_v, prefix_index, key_padding_mask, *flat)
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from . import torch_attention as ta
+
+        q, out, lse, prefix_k, prefix_v, prefix_index, key_padding_mask, *rest = ctx.saved_tensors
+        causal, scale, dropout_p, seed = ctx.options
+        k_shape, k_dtype = ctx.k_meta
+        if ctx.part_meta is None:
+            k, v = rest
+            dq, dk, dv, dpk, dpv = ta.attention_backward(
+                dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
+                causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+        else:
+            parts = [(rest[4 * i], rest[4 * i + 1], is_causal, rest[4 * i + 2], rest[4 * i + 3], kind)
+                     for i, (is_causal, kind) in enumerate(ctx.part_meta)]
+            dq, dk, dv, dpk, dpv = ta.backward_from_parts(dout, q, parts, out, lse, prefix_k, prefix_v,
+                                                          prefix_index, scale=scale, k_shape=k_shape,
+                                                          k_dtype=k_dtype)
+        if ctx.has_prefix:
+            dpk, dpv = conform(dpk, gradient_like(prefix_k)), conform(dpv, gradient_like(prefix_v))
+        return dq, dk, dv, dpk, dpv, None, None, None, None, None, None
+
+
 # ------------------------------------------------------------------ public API
 def prefix_attention(
     q: Tensor,
@@ -320,9 +384,14 @@ def prefix_attention(
     seed = None
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
-    out, lse = _prefix_attention_fwd(
-        q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale, float(dropout_p), bool(deterministic), backend
-    )
+    if q.shape[0] * q.shape[1] * q.shape[2] and _eager_torch_path(backend, (q, k, v, pk, pv, key_padding_mask)):
+        out, lse = _EagerTorchAttention.apply(q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale,
+                                              float(dropout_p))
+    else:
+        out, lse = _prefix_attention_fwd(
+            q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale, float(dropout_p), bool(deterministic),
+            backend
+        )
     if prefix_k is not None and pk is None and (prefix_k.requires_grad or prefix_v.requires_grad):
         # P = 0: no backend sees the (empty) prefix, but autograd.grad(out, prefix_k) must
         # still work: attach it with an exact zero (the sum of zero elements).

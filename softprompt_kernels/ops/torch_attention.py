@@ -580,7 +580,17 @@ def _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_pad
 # ------------------------------------------------------------------------ backend contract
 def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
                       causal: bool, scale: float, dropout_p: float, seed: int):
-    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype, strides of ``empty_output(q)``), ``lse [B, Hq, L]`` float32.
+    """Backend forward: ``out [B, Hq, L, D]`` (q.dtype, strides of ``empty_output(q)``), ``lse [B, Hq, L]`` float32."""
+    out, lse, _ = forward_with_parts(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal=causal,
+                                     scale=scale, dropout_p=dropout_p, seed=seed)
+    return out, lse
+
+
+def forward_with_parts(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, *,
+                       causal: bool, scale: float, dropout_p: float, seed: int):
+    """``(out, lse, parts)``: the backend forward, plus the key parts the fused path ran on
+    (``backward_from_parts`` reuses them: the ``[prefix, keys]`` K/V is not concatenated
+    again), or ``parts = None`` after the blockwise path.
 
     Fused path first, inputs unchecked (finite inputs give a finite output with no silent
     zero row; anything else is caught on the output); if it meets a NaN/inf: again with
@@ -588,15 +598,15 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     """
     cdt = _compute_dtype(q.dtype)
     if _fused_possible(q, scale, dropout_p):
-        res = _fused_forward(q, _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal,
-                                       q.shape[2], cdt), scale)
+        parts = _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, q.shape[2], cdt)
+        res = _fused_forward(q, parts, scale)
         if res is None and key_padding_mask is not None:
             k0, v0, _, zeroed = _zero_padded(k, v, key_padding_mask)
             if zeroed:
-                res = _fused_forward(q, _parts(k0, v0, prefix_k, prefix_v, prefix_index, key_padding_mask, causal,
-                                               q.shape[2], cdt), scale)
+                parts = _parts(k0, v0, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, q.shape[2], cdt)
+                res = _fused_forward(q, parts, scale)
         if res is not None:
-            return res
+            return res[0], res[1], parts
     k, v, _, _ = _zero_padded(k, v, key_padding_mask)
     # Skipping key blocks past the causal diagonal hides a NaN/inf there from the rows that
     # cannot see it, where the reference (and the fused kernel inside a block) computes 0 * inf:
@@ -606,7 +616,18 @@ def attention_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mas
     if causal and not _finite(res[0]):
         res = _blockwise_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal=causal,
                                  scale=scale, dropout_p=dropout_p, seed=seed, skip=False)
-    return res
+    return res[0], res[1], None
+
+
+def backward_from_parts(dout, q, parts, out, lse, prefix_k, prefix_v, prefix_index, *, scale: float,
+                        k_shape, k_dtype):
+    """Fused backward on the parts ``forward_with_parts`` returned: dq, dk, dv as the kernel
+    gives them (``[B, L | S, H, D]`` storage, dk / dv possibly views into the joint
+    ``[prefix, keys]`` gradient: no copy), prefix gradients ``[T, Hkv, P, D]`` (contiguous)."""
+    dq, dk, dv, dpk, dpv = _fused_backward(dout, q, parts, out, lse, scale, prefix_k, prefix_index, k_shape)
+    if dpk is not None:
+        dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+    return dq, dk.to(k_dtype), dv.to(k_dtype), dpk, dpv
 
 
 def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse, *,
@@ -616,9 +637,9 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
     Fused when the forward could have been (a finite ``out``: the forward's blockwise
     fallback leaves a NaN/inf in out, except for a false alarm on clean inputs).
     """
-    k_in = k
     out_finite = _finite(out)
     if _fused_possible(q, scale, dropout_p) and out_finite:
+        k_in = k
         if key_padding_mask is not None and not (_finite(k) and _finite(v)):
             # padded keys/values holding NaN/inf (the forward zeroed them on a retry): zero them
             # (finite values there give the same numbers as zeros, so they are left alone)
@@ -626,10 +647,8 @@ def attention_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padd
             k, v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
         parts = _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, q.shape[2],
                        _compute_dtype(q.dtype))
-        dq, dk, dv, dpk, dpv = _fused_backward(dout, q, parts, out, lse, scale, prefix_k, prefix_index, k_in.shape)
-        if dpk is not None:
-            dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
-        return dq, dk.to(k_in.dtype), dv.to(k_in.dtype), dpk, dpv
+        return backward_from_parts(dout, q, parts, out, lse, prefix_k, prefix_v, prefix_index, scale=scale,
+                                   k_shape=k_in.shape, k_dtype=k_in.dtype)
     k, v, _, _ = _zero_padded(k, v, key_padding_mask)
     # the forward skipped causally invisible key blocks iff its output came out finite
     return _blockwise_backward(dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,

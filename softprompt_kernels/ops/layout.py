@@ -8,6 +8,10 @@
 * ``dq, dk, dv`` (and the prefix gradients) come back with the strides of ``q, k, v`` (of
   the prefix) when those are dense, possibly permuted (``torch.empty_like``'s rule), so the
   gradient flows back through the caller's ``view(...).transpose(...)`` without a copy.
+  One exception: backend "torch" in eager mode on the CPU (``_EagerTorchAttention`` in
+  ops/prefix_attention.py) returns dq / dk / dv as ATen's flash backward gives them
+  (``[B, L | S, H, D]`` storage, dk / dv possibly views into the ``[prefix, keys]`` gradient),
+  as ``F.scaled_dot_product_attention`` does, with no copy; the prefix gradients keep the rule.
 
 A backend that allocates its results with ``empty_output`` / ``gradient_like`` is never
 copied; the op layer (``conform``) copies any other layout, so the strides always match the

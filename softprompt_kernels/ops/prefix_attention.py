@@ -268,8 +268,8 @@ class _EagerTorchAttention(torch.autograd.Function):
     """Eager autograd of the PyTorch backend, the same numbers as the custom op.
 
     What it saves over the custom op: the dispatcher round trip, the ``[prefix, keys]``
-    K/V concatenation in the backward (the fused path's key parts are saved from the
-    forward, in place of k and v, so no more memory than k and v), and the layout copy of
+    K/V concatenation in the backward (float32: the fused path's key parts are saved from
+    the forward, in place of k and v, so no more memory than k and v), and the layout copy of
     dq / dk / dv (they come back as ATen's flash backward gives them: ``[B, L | S, H, D]``
     storage, dk / dv possibly views into the joint gradient; autograd takes any strides).
     """
@@ -285,7 +285,9 @@ class _EagerTorchAttention(torch.autograd.Function):
         ctx.options = (causal, scale, dropout_p, _seed_value(seed))
         ctx.k_meta = (k.shape, k.dtype)
         ctx.has_prefix = prefix_k is not None
-        if parts is None:  # blockwise path: its backward reads k and v
+        if parts is None or q.dtype != torch.float32:
+            # blockwise path (its backward reads k and v), or 16-bit inputs: their parts are
+            # float32 copies, twice the memory of k and v, so the backward rebuilds them
             ctx.part_meta = None
             ctx.save_for_backward(q, out, lse, prefix_k, prefix_v, prefix_index, key_padding_mask, k, v)
         else:

@@ -33,7 +33,10 @@ in float64 on ``[B, Hq, L]``; out in place in one part's output). A part that a 
 see (all its keys padded) has ``lse_p = -inf``; a row that sees nothing outputs zeros.
 Backward by the split-KV identity: each part's flash backward with the *merged* out and
 lse and the same dO gives that part's dQ share, dK and dV; dQ is their sum; prefix
-gradients are summed over rows per task (fixed order: deterministic).
+gradients are summed over rows per task (fixed order: deterministic). ``forward_with_parts``
+returns the parts the forward ran on, and ``backward_from_parts`` runs on them: the eager
+autograd path (ops/prefix_attention.py) saves them in place of k and v, so the
+``[prefix, keys]`` K/V is concatenated once per step, not again in the backward.
 NaN/inf: the kernel returns zeros and lse 0 for a row whose scores are all -inf *or
 NaN* (a NaN q row; a part whose visible keys are all NaN), where DESIGN §2 wants the NaN
 to propagate. So the forward checks its *output*: a non-finite out, or a row the kernel

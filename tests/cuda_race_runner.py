@@ -20,8 +20,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from softprompt_kernels.cuda._build import cuda_sources  # noqa: E402
-from softprompt_kernels.cuda._testing import Case, check_attention  # noqa: E402
+from softprompt_kernels.cuda._testing import Case, check_attention, emulation_sources  # noqa: E402
 
 PATH_TC, PATH_SIMT_FORCED = 1, 7
 CASES = [  # (case, dtype, forward path, dropout)
@@ -37,14 +36,9 @@ def main(build_dir: str, nonatomic: bool) -> None:
     os.environ.pop("LD_PRELOAD", None)  # this process has the TSan runtime; the compiler must not
     torch.set_num_threads(1)
     os.makedirs(build_dir, exist_ok=True)
-    wrappers = []
-    for src in cuda_sources():
-        w = Path(build_dir) / f"emu_{src.stem}.cpp"
-        w.write_text(f'#include "{src}"\n')
-        wrappers.append(str(w))
     flags = ["-O1", "-g", "-fsanitize=thread", "-DSPK_EMULATION"] + (["-DSPK_EMU_NONATOMIC_ATOMICADD"] if nonatomic else [])
     name = "softprompt_kernels_cuda_emu_tsan" + ("_nonatomic" if nonatomic else "")
-    load(name=name, sources=wrappers, extra_cflags=flags, extra_ldflags=["-fsanitize=thread"],
+    load(name=name, sources=emulation_sources(build_dir), extra_cflags=flags, extra_ldflags=["-fsanitize=thread"],
          extra_include_paths=[str(ROOT / "csrc")], is_python_module=False, build_directory=build_dir)
     E = torch.ops.softprompt_kernels_cuda_emu
     # the mutation only needs the atomic prefix reduction with two rows on one task (the last case),

@@ -59,8 +59,7 @@ def test_host_helpers_nvcc_host_pass(tmp_path):
 # poisoned with NaN.
 import torch  # noqa: E402
 
-from softprompt_kernels.cuda._build import cuda_sources  # noqa: E402
-from softprompt_kernels.cuda._testing import CASES, Case, check_attention, make_inputs  # noqa: E402
+from softprompt_kernels.cuda._testing import CASES, Case, check_attention, emulation_sources, make_inputs  # noqa: E402
 from softprompt_kernels.testing import assert_close  # noqa: E402
 
 EMU_NS = "softprompt_kernels_cuda_emu"
@@ -78,12 +77,7 @@ def emu(tmp_path_factory):
     from torch.utils.cpp_extension import load
 
     build = tmp_path_factory.mktemp("cuda_emu")
-    wrappers = []
-    for src in cuda_sources():  # compile the .cu files as C++ through one-line wrappers
-        w = build / f"emu_{src.stem}.cpp"
-        w.write_text(f'#include "{src}"\n')
-        wrappers.append(str(w))
-    load(name=EMU_NS, sources=wrappers, extra_cflags=["-O2", "-DSPK_EMULATION"],
+    load(name=EMU_NS, sources=emulation_sources(build), extra_cflags=["-O2", "-DSPK_EMULATION"],
          extra_include_paths=[str(ROOT / "csrc")], is_python_module=False, build_directory=str(build))
     return getattr(torch.ops, EMU_NS)
 

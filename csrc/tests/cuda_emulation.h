@@ -319,19 +319,19 @@ struct Trampoline {
     f->done = true;
     drop(s->block_bar);
     drop(s->warp_bars[f->tid / 32]);
+#if defined(SPK_EMU_TSAN)
+    // Read the scheduler's state before the release below, which must follow this thread's last
+    // access.  Then leave by an explicit switch, never by returning: the return would run this
+    // function's TSan exit hook on the scheduler's fiber (its shadow call stack would underflow).
     void* sched_tsan = s->sched_tsan;
     ucontext_t* sched = &s->sched;
     char* launch_done = &s->launch_done;
     internal_end();
-    hb_release(launch_done);  // after this thread's last access (the launch's return acquires it)
-#if defined(SPK_EMU_TSAN)
-    // Leave by an explicit switch, never by returning: the return would run this function's
-    // TSan exit hook on the scheduler's fiber (its shadow call stack would underflow).
+    hb_release(launch_done);  // the launch's return acquires it
     __tsan_switch_to_fiber(sched_tsan, __tsan_switch_to_fiber_no_sync);
     setcontext(sched);
 #else
-    (void)sched_tsan;
-    (void)sched;
+    internal_end();
 #endif
   }
 };
@@ -401,8 +401,8 @@ void launch(dim3 grid, dim3 block, size_t smem_bytes, Kernel kernel, Args... arg
   const unsigned warps = (block.x + 31) / 32;
   s.sync.assign(2 * (1 + warps) * blocks.size(), 0);  // each block's barriers get their own objects
   size_t block_number = 0;
-  std::vector<std::vector<void*>> finished;  // TSan fibers of the blocks that ran (race-detection build)
 #if defined(SPK_EMU_TSAN)
+  std::vector<std::vector<void*>> finished;  // TSan fibers of the blocks that ran
   // SPK_EMU_RACES = "threads" (default): a TSan fiber per thread, so races inside a block are seen,
   // and between blocks while both blocks' fibers fit in TSan's 256 slots (two 128-thread blocks
   // adjacent in the run order).  "blocks": one TSan fiber per block (no race inside a block is

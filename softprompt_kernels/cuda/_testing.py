@@ -8,6 +8,7 @@ same low precision as the baseline.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -150,3 +151,16 @@ def check_attention(fwd: FwdFn, bwd: BwdFn, case: Case, dtype: torch.dtype, devi
     bad = [str(c) for c in comps if not c.ok]
     assert not bad, f"{case} {dtype}: " + "; ".join(bad)
     return comps
+
+
+def emulation_sources(build_dir) -> list[str]:
+    """One-line C++ wrappers (``#include`` of each csrc .cu file) in ``build_dir``: the sources of a
+    host-emulation build (compiled as C++ with ``-DSPK_EMULATION``)."""
+    from ._build import cuda_sources
+
+    wrappers = []
+    for src in cuda_sources():
+        w = Path(build_dir) / f"emu_{src.stem}.cpp"
+        w.write_text(f'#include "{src}"\n')
+        wrappers.append(str(w))
+    return wrappers

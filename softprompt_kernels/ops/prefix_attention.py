@@ -278,11 +278,11 @@ class _EagerTorchAttention(torch.autograd.Function):
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, causal, scale, dropout_p):
         from . import torch_attention as ta
 
+        seed = _seed_value(seed)
         out, lse, parts = ta.forward_with_parts(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                                causal=causal, scale=scale, dropout_p=dropout_p,
-                                                seed=_seed_value(seed))
+                                                causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
         out = conform(out, empty_output(q))
-        ctx.options = (causal, scale, dropout_p, _seed_value(seed))
+        ctx.options = (causal, scale, dropout_p, seed)
         ctx.k_meta = (k.shape, k.dtype)
         ctx.has_prefix = prefix_k is not None
         if parts is None or q.dtype != torch.float32:

@@ -5,6 +5,7 @@
 //   attn_fwd(q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, causal, scale, dropout_p, seed)
 //       -> (out [B,Hq,L,D], lse [B,Hq,L] float32); tensor-core kernel where choose_fwd_path allows it
 //   last_fwd_path() -> int   FwdPath (launchers.h) of the last attn_fwd on this thread
+//   last_bwd_path() -> int   FwdPath of the last attn_bwd on this thread
 //   attn_bwd(dout, q, k, v, prefix_k?, prefix_v?, prefix_index?, key_padding_mask?, out, lse,
 //            causal, scale, dropout_p, seed, deterministic) -> (dq, dk, dv, dprefix_k, dprefix_v)
 //       dropout: keep decision spk::dropout_keep(seed, b, h, i, c) (prefix_attention_common.cuh).
@@ -152,13 +153,15 @@ PrefixAttnParams make_params(const Tensor& q, const Tensor& k, const Tensor& v,
   return p;
 }
 
-// Path of the last forward on this thread (FwdPath code), for softprompt_kernels.cuda.last_path().
-thread_local int g_last_fwd_path = 0;
+// Path of the last forward / backward on this thread (FwdPath code), for softprompt_kernels.cuda.last_path().
+thread_local int g_last_fwd_path = 0, g_last_bwd_path = 0;
 int64_t last_fwd_path() { return g_last_fwd_path; }
+int64_t last_bwd_path() { return g_last_bwd_path; }
 
-// SOFTPROMPT_KERNELS_CUDA_FWD=simt forces the SIMT forward (A/B comparisons); anything else: auto.
-bool tensor_cores_allowed() {
-  const char* env = std::getenv("SOFTPROMPT_KERNELS_CUDA_FWD");
+// SOFTPROMPT_KERNELS_CUDA_FWD=simt (SOFTPROMPT_KERNELS_CUDA_BWD=simt) forces the SIMT forward
+// (backward), for A/B comparisons; anything else: auto.
+bool tensor_cores_allowed(const char* var) {
+  const char* env = std::getenv(var);
   return env == nullptr || std::strcmp(env, "simt") != 0;
 }
 
@@ -178,7 +181,8 @@ std::tuple<Tensor, Tensor> attn_fwd(const Tensor& q, const Tensor& k, const Tens
   p.lse_sb = lse.stride(0); p.lse_sh = lse.stride(1); p.lse_sl = lse.stride(2);
   if (out.numel() > 0) {
     FwdPath path = FwdPath::kNone;
-    check_cuda(launch_prefix_attn_fwd(p, dtype_of(q), current_stream(), tensor_cores_allowed(), &path), "attn_fwd");
+    check_cuda(launch_prefix_attn_fwd(p, dtype_of(q), current_stream(), tensor_cores_allowed("SOFTPROMPT_KERNELS_CUDA_FWD"),
+                                      &path), "attn_fwd");
     g_last_fwd_path = (int)path;
   }
   return {out, lse};
@@ -235,8 +239,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> attn_bwd(
     p.P = 0;  // a [T, Hkv, 0, D] prefix is no prefix
   }
   auto stream = current_stream();
-  if (q.numel() > 0) check_cuda(launch_prefix_attn_bwd(p, dtype_of(q), stream), "attn_bwd");
-  else { dk.zero_(); dv.zero_(); if (with_prefix) { dpk_buf.zero_(); dpv_buf.zero_(); } }
+  if (q.numel() > 0) {
+    FwdPath path = FwdPath::kNone;
+    check_cuda(launch_prefix_attn_bwd(p, dtype_of(q), stream, tensor_cores_allowed("SOFTPROMPT_KERNELS_CUDA_BWD"), &path),
+               "attn_bwd");
+    g_last_bwd_path = (int)path;
+  } else { dk.zero_(); dv.zero_(); if (with_prefix) { dpk_buf.zero_(); dpv_buf.zero_(); } }
 
   if (pre.has) {
     if (!with_prefix) {
@@ -356,13 +364,17 @@ SPK_TORCH_LIBRARY(SPK_NS, m) {
         "Tensor? prefix_index, Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, "
         "float dropout_p, int seed, bool deterministic) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("last_fwd_path() -> int");
+  m.def("last_bwd_path() -> int");
   m.def("mlp_fwd(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, int num_layers, int num_kv_heads, "
         "int head_dim, int act) -> (Tensor, Tensor)");
   m.def("mlp_bwd(Tensor dout, Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor pre, bool has_b2, int num_layers, "
         "int num_kv_heads, int head_dim, int act) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-SPK_TORCH_LIBRARY_IMPL(SPK_NS, CompositeExplicitAutograd, m) { m.impl("last_fwd_path", &spk::last_fwd_path); }
+SPK_TORCH_LIBRARY_IMPL(SPK_NS, CompositeExplicitAutograd, m) {
+  m.impl("last_fwd_path", &spk::last_fwd_path);
+  m.impl("last_bwd_path", &spk::last_bwd_path);
+}
 
 SPK_TORCH_LIBRARY_IMPL(SPK_NS, SPK_DISPATCH_KEY, m) {
   m.impl("attn_fwd", &spk::attn_fwd);

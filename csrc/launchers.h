@@ -21,16 +21,17 @@ inline int head_dim_bucket(int D) {
   return D <= 32 ? 32 : D <= 64 ? 64 : D <= 128 ? 128 : D <= 256 ? 256 : 0;
 }
 
-// Kernel family a forward call ran on (binding.cpp records it; Python: softprompt_kernels.cuda.last_path()).
+// Kernel family a forward or backward call ran on (binding.cpp records it; Python:
+// softprompt_kernels.cuda.last_path("fwd" | "bwd")).
 enum class FwdPath : int {
   kNone = 0,          // no forward has run
-  kTensorCore = 1,    // prefix_attention_fwd_tc.cu (mma.sync / ldmatrix / cp.async)
+  kTensorCore = 1,    // prefix_attention_{fwd,bwd}_tc.cu (mma.sync / ldmatrix / cp.async)
   kSimtDtype = 2,     // SIMT: float32 inputs
   kSimtHeadDim = 3,   // SIMT: D > 128 or D % 8 != 0
   kSimtLayout = 4,    // SIMT: a last stride != 1, or a pointer / row stride not 16-byte aligned
   kSimtArch = 5,      // SIMT: device below sm_80
   kSimtNotBuilt = 6,  // SIMT: built without the CuTe headers (pip install nvidia-cutlass)
-  kSimtForced = 7,    // SIMT: SOFTPROMPT_KERNELS_CUDA_FWD=simt
+  kSimtForced = 7,    // SIMT: SOFTPROMPT_KERNELS_CUDA_FWD=simt (backward: ..._CUDA_BWD=simt)
   kSimtScale = 8,     // SIMT: scale <= 0 or not finite
 };
 
@@ -44,10 +45,19 @@ cudaError_t launch_prefix_attn_fwd(const PrefixAttnParams& p, DType dt, cudaStre
 // The tensor-core forward alone (float16 / bfloat16, D <= 128, D % 8 == 0, see choose_fwd_path).
 cudaError_t launch_prefix_attn_fwd_tc(const PrefixAttnParams& p, DType dt, cudaStream_t stream);
 
+// Which backward kernels support p: choose_fwd_path's conditions and a dout that cp.async can
+// read (unit last stride, 16-byte aligned pointer and row strides); kTensorCore or the SIMT reason.
+FwdPath choose_bwd_path(const PrefixAttnParams& p, DType dt);
+
 // Backward.  Needs p.delta (float32 [B,Hq,L] scratch, same strides as lse).  Writes dq, dk, dv and,
 // when P > 0, the float32 buffers dpk/dpv: per-row partials [B,Hkv,P,D] (p.deterministic) or
-// [T,Hkv,P,D] accumulators that the caller zero-fills (atomic mode).
-cudaError_t launch_prefix_attn_bwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream);
+// [T,Hkv,P,D] accumulators that the caller zero-fills (atomic mode).  The tensor-core dK/dV and dQ
+// kernels when allow_tc and choose_bwd_path say so, else the SIMT ones; *path (optional) gets the
+// path taken.
+cudaError_t launch_prefix_attn_bwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream, bool allow_tc = true,
+                                   FwdPath* path = nullptr);
+// The tensor-core dK/dV and dQ kernels alone (after the delta preprocess; see choose_bwd_path).
+cudaError_t launch_prefix_attn_bwd_tc(const PrefixAttnParams& p, DType dt, cudaStream_t stream);
 
 // Deterministic prefix-gradient reduction: out[t] = sum over b (in order) with index[b] == t of
 // partial[b]; partial float32 [B, H*P*D] contiguous, out [T, H*P*D] contiguous in dtype dt.

@@ -8,6 +8,8 @@
 //      (deterministic) or atomically add into [T,Hkv,P,D] (atomic mode).
 //   3. dQ: one block per (query tile, head, row), loops over prefix + sequence key tiles.
 //   4. deterministic prefix reduction: fixed-order sum of the partials over rows b per task.
+// float16 / bfloat16 calls that choose_bwd_path allows run 1. and 4. here and the tensor-core
+// dK/dV and dQ kernels of prefix_attention_bwd_tc.cu in place of 2. and 3.
 // P is recomputed from the saved lse; masked scores and empty rows (lse = -inf) give P = 0.
 #include <type_traits>
 
@@ -345,8 +347,19 @@ static cudaError_t dispatch_bwd(const PrefixAttnParams& p, cudaStream_t stream) 
   }
 }
 
-cudaError_t launch_prefix_attn_bwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream) {
+cudaError_t launch_prefix_attn_bwd(const PrefixAttnParams& p, DType dt, cudaStream_t stream, bool allow_tc,
+                                   FwdPath* path) {
+  const FwdPath chosen = allow_tc ? choose_bwd_path(p, dt) : FwdPath::kSimtForced;
+  if (path != nullptr) *path = chosen;
   if (p.B == 0 || p.Hq == 0 || p.L == 0) return cudaSuccess;
+  if (chosen == FwdPath::kTensorCore) {  // 16-bit only: delta by the preprocess, then dK/dV and dQ
+    const int64_t rows = (int64_t)p.B * p.Hq * p.L;
+    const unsigned blocks = (unsigned)((rows + kThreads / 32 - 1) / (kThreads / 32));
+    if (dt == DType::kFloat16) SPK_LAUNCH(prefix_attn_bwd_delta_kernel<__half>, blocks, kThreads, 0, stream, p);
+    else SPK_LAUNCH(prefix_attn_bwd_delta_kernel<__nv_bfloat16>, blocks, kThreads, 0, stream, p);
+    const cudaError_t err = cudaGetLastError();
+    return err != cudaSuccess ? err : launch_prefix_attn_bwd_tc(p, dt, stream);
+  }
   switch (dt) {
     case DType::kFloat32: return dispatch_bwd<float>(p, stream);
     case DType::kFloat16: return dispatch_bwd<__half>(p, stream);

@@ -206,15 +206,21 @@ def test_emulated_tc_primitives_follow_ptx_isa(tmp_path):
                     str(TC_PRIMS), "-o", str(exe)], exe)
 
 
-def _tc_fns(E, want_path):
-    fwd, bwd = _fns(E)
+def _tc_fns(E, want_path, want_bwd_path=PATH_TC, deterministic=None):
+    """fwd / bwd that assert the kernel path each call took (FwdPath codes of csrc/launchers.h)."""
+    fwd, bwd = _fns(E, deterministic)
 
     def fwd_checked(*args):
         out = fwd(*args)
         assert E.last_fwd_path() == want_path, f"forward ran path {E.last_fwd_path()}, expected {want_path}"
         return out
 
-    return fwd_checked, bwd
+    def bwd_checked(*args):
+        grads = bwd(*args)
+        assert E.last_bwd_path() == want_bwd_path, f"backward ran path {E.last_bwd_path()}, expected {want_bwd_path}"
+        return grads
+
+    return fwd_checked, bwd_checked
 
 
 # ragged: L, S, P not multiples of the 64 x 64 tile; several query and key tiles
@@ -246,6 +252,48 @@ def test_emulated_simt_forced_matches_reference(emu, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_KERNELS_CUDA_FWD", "simt")
     fwd, bwd = _tc_fns(emu, PATH_SIMT_FORCED)
     check_attention(fwd, bwd, TC_CASES[0], torch.bfloat16, "cpu", seed=2)
+
+
+# Tensor-core backward (csrc/prefix_attention_bwd_tc.cu): the TC_CASES tests above run it (every
+# 16-bit backward that choose_bwd_path allows); these cover the atomic prefix reduction, GQA with a
+# shared prefix over several key and query tiles, and the SIMT backward kept for 16-bit inputs.
+def test_emulated_tc_backward_atomic_prefix_reduction(emu):
+    fwd, bwd = _tc_fns(emu, PATH_TC, deterministic=False)
+    check_attention(fwd, bwd, TC_CASES[0], torch.bfloat16, "cpu", seed=8)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_emulated_tc_backward_gqa_shared_prefix(emu, dtype):
+    case = Case(3, 6, 2, 81, 97, 70, 64, causal=True, mask=True, form="shared", layout="blhd")
+    fwd, bwd = _tc_fns(emu, PATH_TC)
+    check_attention(fwd, bwd, case, dtype, "cpu", seed=9)
+
+
+@pytest.mark.parametrize("case", [TC_CASES[0], TC_CASES[1], TC_CASES[3]], ids=str)
+def test_emulated_simt_backward_forced_matches_reference(emu, monkeypatch, case):
+    monkeypatch.setenv("SOFTPROMPT_KERNELS_CUDA_BWD", "simt")
+    fwd, bwd = _tc_fns(emu, PATH_TC, PATH_SIMT_FORCED)
+    check_attention(fwd, bwd, case, torch.bfloat16, "cpu", seed=10)
+
+
+def test_emulated_bwd_path_selection(emu):
+    """The tensor-core backward runs exactly where it is supported, dout included."""
+    g = torch.Generator().manual_seed(0)
+
+    def run(q, dout=None):
+        out, lse = emu.attn_fwd(q, q, q, None, None, None, None, False, 0.125, 0.0, 0)
+        emu.attn_bwd(torch.ones_like(q) if dout is None else dout, q, q, q, None, None, None, None, out, lse, False,
+                     0.125, 0.0, 0, True)
+        return emu.last_bwd_path()
+
+    x = torch.randn(1, 2, 9, 64, generator=g)
+    assert run(x.bfloat16()) == PATH_TC and run(x.half()) == PATH_TC
+    assert run(x) == PATH_SIMT_DTYPE
+    assert run(torch.randn(1, 2, 9, 136, generator=g).bfloat16()) == PATH_SIMT_HEAD_DIM
+    flat = torch.randn(1 + 2 * 9 * 64, generator=g).bfloat16()
+    assert run(x.bfloat16(), dout=flat[1:].view(1, 2, 9, 64)) == PATH_SIMT_LAYOUT  # misaligned dout
+    dt = torch.randn(1, 2, 64, 9, generator=g).bfloat16().transpose(2, 3)  # dout last stride 9
+    assert run(x.bfloat16(), dout=dt) == PATH_SIMT_LAYOUT
 
 
 def test_emulated_fwd_path_selection(emu):

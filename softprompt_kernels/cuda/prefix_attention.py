@@ -9,7 +9,9 @@ integer hash of seed, b, h, i, c); ``dropout_keep_mask`` reproduces it with tens
 Forward kernels: the tensor-core kernel (``csrc/prefix_attention_fwd_tc.cu``: mma.sync m16n8k16,
 ldmatrix, cp.async; sm_80+) for float16/bfloat16, D <= 128 with D % 8 == 0, unit last stride and
 16-byte aligned pointers and row strides, dropout included; the SIMT kernel otherwise.
-``last_path()`` says which one the last forward ran and why.  The backward is SIMT only.
+``last_path()`` says which one the last forward ran and why.  Backward: the tensor-core dK/dV and
+dQ kernels (``csrc/prefix_attention_bwd_tc.cu``) under the same conditions plus a dout that meets
+them, the SIMT kernels otherwise; ``last_path("bwd")``.
 """
 from __future__ import annotations
 
@@ -47,6 +49,14 @@ PATH_NAMES = {
 _last = {"fwd": PATH_NAMES[0], "bwd": "none: no backward ran"}
 
 
+def _bwd_path_name(code: int) -> str:
+    if code == 7:
+        return "simt: forced by SOFTPROMPT_KERNELS_CUDA_BWD=simt"
+    if code == 4:
+        return "simt: a last stride != 1 or a pointer / row stride not 16-byte aligned (q, k, v, prefix or dout)"
+    return PATH_NAMES.get(code, "unknown")
+
+
 def last_path(kind: str = "fwd") -> str:
     """Kernel path of the last ``backend="cuda"`` call of ``kind`` ("fwd" or "bwd") in this process:
     ``"tensor_core"`` or ``"simt: <reason>"``."""
@@ -80,7 +90,7 @@ def attention_backward(
         dout, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, out, lse,
         bool(causal), float(scale), float(dropout_p), int(seed), bool(deterministic),
     )
-    _last["bwd"] = "simt: no tensor-core backward yet"
+    _last["bwd"] = _bwd_path_name(int(ops().last_bwd_path()))
     if prefix_k is None:
         return dq, dk, dv, None, None
     return dq, dk, dv, dpk, dpv

@@ -311,6 +311,58 @@ def test_tensor_core_forward_sass(ptxas_report, cu_objects):
     print("\n" + "\n".join(lines))
 
 
+# Tensor-core backward (prefix_attention_bwd_tc.cu): per main-loop iteration and warp,
+#   dK/dV: S^T = K Q^T and dP^T = V dO^T ((BQ/8)(D/16) mma each), dV += P^T dO and dK += dS^T Q
+#          ((BQ/16)(D/8) each) for 16 keys x BQ queries;
+#   dQ:    S = Q K^T, dP = dO V^T, dQ += dS K ((BN/8)(D/16) each) for 16 queries x BN keys.
+TC_BWD_STEM = "prefix_attention_bwd_tc"
+TC_BWD_TILE = {("dkdv", 64): 64, ("dkdv", 128): 16, ("dq", 64): 64, ("dq", 128): 32}  # BQ / BN streamed
+
+
+def _tc_bwd_expected(kind: str, d: int) -> tuple[int, int]:
+    """(HMMA, LDSM) per main-loop iteration of one warp."""
+    t = TC_BWD_TILE[(kind, d)]
+    if kind == "dkdv":
+        return 4 * t * d // 128, d // 16 * (2 + t // 8) + t // 16 * d // 8
+    return 3 * t * d // 128, d // 16 * (2 + t // 8) + t // 16 * d // 16
+
+
+@needs_nvcc
+def test_tensor_core_backward_sass(ptxas_report, cu_objects):
+    from softprompt_kernels.cuda._build import CUTLASS_HINT
+
+    if not _tc_flags():
+        pytest.skip(CUTLASS_HINT)
+    if _cuobjdump() is None:
+        pytest.skip("cuobjdump not found (ships in the triton wheel)")
+    lines = [f"{'tensor-core backward kernel':46s} regs HMMA/iter LDSM/iter LDGSTS/iter instr/iter instr/score"]
+    for arch in ARCHS:
+        funcs = sass_functions(cu_objects[(TC_BWD_STEM, arch)])
+        for kind in ("dkdv", "dq"):
+            for dt, dname in TC_DTYPES.items():
+                for d in TC_DIMS:
+                    for drop in (0, 1):
+                        name = next((k for k in funcs if f"prefix_attn_bwd_{kind}_tc_kernelI{dt}Li{d}ELb{drop}E" in k),
+                                    None)
+                        label = f"{kind} {dname} D={d}{' dropout' if drop else ''} {arch}"
+                        assert name is not None, f"missing tensor-core backward kernel {label}"
+                        ops = [o for _, o, _ in funcs[name]]
+                        assert any(o.startswith("HMMA.16816.F32") for o in ops), f"no HMMA.16816 in {label}"
+                        assert any(o.startswith("LDSM.16.M88.4") for o in ops), f"no LDSM in {label}"
+                        assert any(o.startswith("LDSM.16.MT88.4") for o in ops), f"no LDSM .trans in {label}"
+                        assert any(o.startswith("LDGSTS") for o in ops), f"no LDGSTS (cp.async) in {label}"
+                        local = sorted({o for o in ops if o.startswith(("LDL", "STL"))})
+                        assert not local, f"local-memory traffic {local} in {label}"
+                        loop = main_loop(funcs[name])
+                        hmma, ldsm = sum(o.startswith("HMMA") for o in loop), sum(o.startswith("LDSM") for o in loop)
+                        assert (hmma, ldsm) == _tc_bwd_expected(kind, d), f"{label}: {hmma} HMMA, {ldsm} LDSM per iteration"
+                        scores = 64 * TC_BWD_TILE[(kind, d)]  # (keys x queries) per CTA iteration
+                        lines.append(f"{label:46s} {ptxas_report[(name, arch)]['regs']:4d} {hmma:9d} {ldsm:9d} "
+                                     f"{sum(o.startswith('LDGSTS') for o in loop):11d} {len(loop):10d} "
+                                     f"{len(loop) * 128 / scores:11.2f}")
+    print("\n" + "\n".join(lines))
+
+
 @needs_nvcc
 def test_tensor_core_file_builds_without_cute(tmp_path):
     """Without the CuTe headers the tensor-core kernels compile to empty bodies (never launched:

@@ -156,7 +156,7 @@ def test_prefix_mlp_matches_reference(dtype, act, bias):
             assert_close(f"mlp {name}", grads[i], glp[i], g64[i])
 
 
-# tensor-core forward (csrc/prefix_attention_fwd_tc.cu): the same ragged cases as the emulation
+# tensor-core forward and backward (csrc/prefix_attention_{fwd,bwd}_tc.cu): the same ragged cases as the emulation
 _TC_CASES = [
     Case(2, 4, 2, 70, 131, 67, 64, causal=True, mask=True, form="multi"),
     Case(1, 2, 1, 130, 130, 3, 128, causal=True, mask=False, layout="blhd"),
@@ -169,7 +169,8 @@ _TC_CASES = [
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("case", _TC_CASES, ids=str)
 @pytest.mark.parametrize("dropout_p", [0.0, 0.17])
-def test_tensor_core_forward_matches_reference(case, dtype, dropout_p):
+@pytest.mark.parametrize("deterministic", [True, False], ids=["det", "atomic"])
+def test_tensor_core_forward_backward_match_reference(case, dtype, dropout_p, deterministic):
     from softprompt_kernels.cuda import last_path
 
     if _build.cutlass_include_dir() is None:
@@ -182,6 +183,11 @@ def test_tensor_core_forward_matches_reference(case, dtype, dropout_p):
         assert last_path() == want, last_path()
         return out
 
-    check_attention(fwd, _bwd_factory(), case, dtype, "cuda", seed=7, dropout_p=dropout_p,
+    def bwd(*args):
+        grads = _bwd_factory(deterministic)(*args)
+        assert last_path("bwd") == want, last_path("bwd")
+        return grads
+
+    check_attention(fwd, bwd, case, dtype, "cuda", seed=7, dropout_p=dropout_p,
                     keep_mask=cuda_attn.dropout_keep_mask if dropout_p else None)
     torch.cuda.synchronize()

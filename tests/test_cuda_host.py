@@ -350,7 +350,7 @@ def test_emulated_schedule_order_does_not_change_results(emu, monkeypatch, order
 
 
 # Issue 10 item 5: NaN/inf held by padded-out keys/values (torch.empty buffers) must contribute nothing:
-# out, lse and every gradient equal the clean inputs' results (SIMT forward + backward, tensor-core forward).
+# out, lse and every gradient equal the clean inputs' results (SIMT forward + backward, tensor-core forward + backward).
 _PADDED_SIMT = [(c, dt) for c in CASES + TC_CASES if c.mask for dt in (torch.float32, torch.bfloat16)]
 _PADDED_TC = [(c, torch.bfloat16) for c in TC_CASES if c.mask]
 
@@ -358,7 +358,8 @@ _PADDED_TC = [(c, torch.bfloat16) for c in TC_CASES if c.mask]
 @pytest.mark.parametrize("case,dtype", _PADDED_SIMT, ids=lambda x: str(x))
 def test_emulated_simt_padded_nan_keys_values_contribute_nothing(emu, case, dtype, monkeypatch):
     monkeypatch.setenv("SOFTPROMPT_KERNELS_CUDA_FWD", "simt")
-    fwd, bwd = _tc_fns(emu, PATH_SIMT_FORCED)
+    monkeypatch.setenv("SOFTPROMPT_KERNELS_CUDA_BWD", "simt")
+    fwd, bwd = _tc_fns(emu, PATH_SIMT_FORCED, PATH_SIMT_FORCED)
     check_attention(fwd, bwd, case, dtype, "cpu", seed=len(str(case)) + 2, poison_padded=True)
 
 

@@ -3,8 +3,8 @@
 
 Modules: ``_build`` (locate, build and load the extension), ``prefix_attention`` and
 ``prefix_mlp`` (backend modules calling ``torch.ops.softprompt_kernels_cuda.*``).
-Importing this package never builds anything.  ``last_path()`` tells which forward kernel
-(tensor cores or SIMT, and why) the last ``backend="cuda"`` call ran.
+Importing this package never builds anything.  ``last_path()`` (``last_path("bwd")``) tells
+which forward (backward) kernels, tensor cores or SIMT and why, the last ``backend="cuda"`` call ran.
 """
 
 

@@ -106,10 +106,12 @@ def test_fused_causal_s_greater_than_l_dense_mask_and_split(dense, form, monkeyp
 @pytest.mark.parametrize("joint", [True, False])
 @pytest.mark.parametrize("form", ["shared", "task"])
 def test_fused_causal_prefix_joint_call_and_split(joint, form, monkeypatch):
-    """Causal with a prefix: short keys run as ONE kernel call on [prefix, keys] with a dense mask (no
-    is_causal call, no merge); past _JOINT_CAUSAL_KEYS (forced here) a prefix part + a causal part.
+    """Causal with a prefix: ONE kernel call on [prefix, keys] with a dense mask (no is_causal call, no
+    merge; forced here for S == L too), or a prefix part + a causal part (past _JOINT_CAUSAL_KEYS, forced).
     Both against float64, forward and backward, with and without padding, S == L and S > L."""
-    if not joint:
+    if joint:
+        monkeypatch.setattr(ta, "_SPLIT_PREFIX_FRACTION", float("inf"))
+    else:
         monkeypatch.setattr(ta, "_JOINT_CAUSAL_KEYS", 0)
     calls = []
     real = ta._FLASH
@@ -135,6 +137,30 @@ def test_fused_causal_prefix_joint_call_and_split(joint, form, monkeypatch):
             assert calls == [(6 + S, False)], calls  # forward: one call on all 6 + S keys
         else:
             assert (6, False) in calls and any(n < 6 + S for n, _ in calls) and len(calls) >= 2, calls
+
+
+@pytest.mark.parametrize("P,S,grad,joint", [(10, 128, True, True), (32, 128, True, False), (10, 128, False, True),
+                                             (32, 128, False, False), (10, 133, False, True), (32, 133, True, True)])
+def test_causal_joint_or_split_rule(P, S, grad, joint, monkeypatch):
+    """Short causal keys: S == L and P >= L / 4 split into a prefix part and an is_causal part, otherwise one
+    joint call, with or without autograd.  The call pattern follows the rule, and the result matches the
+    other pattern's."""
+    calls = []
+    real = ta._FLASH
+    monkeypatch.setattr(ta, "_FLASH", lambda *a, **kw: calls.append((a[1].shape[2], a[4])) or real(*a, **kw))
+    torch.manual_seed(1)
+    B, H, L, D = 2, 2, 128, 16
+    q, k, v = _rand(B, H, L, D, grad=grad), _rand(B, H, S, D, grad=grad), _rand(B, H, S, D, grad=grad)
+    pk, pv = _rand(H, P, D, grad=grad), _rand(H, P, D, grad=grad)
+    out = prefix_attention(q, k, v, pk, pv, causal=True, backend="torch")
+    assert calls == ([(P + S, False)] if joint else [(P, False), (S, True)]), calls
+    monkeypatch.setattr(ta, "_SPLIT_PREFIX_FRACTION", 0.0 if joint else float("inf"))
+    monkeypatch.setattr(ta, "_JOINT_CAUSAL_KEYS", 0 if joint else 1024)
+    calls.clear()
+    with torch.enable_grad():
+        other = prefix_attention(q.detach().requires_grad_(), k, v, pk, pv, causal=True, backend="torch")
+    assert len(calls) == (2 if joint else 1), calls
+    torch.testing.assert_close(out, other, rtol=1e-5, atol=1e-6)
 
 
 def test_fused_nan_rows_the_kernel_zeroes_come_out_nan():
@@ -254,3 +280,33 @@ def test_fused_path_ragged_cases_meet_tolerance_rule(case, dtype):
     for name, a, p, sd, r in zip(["out", "dq", "dk", "dv", "dprefix_k", "dprefix_v"], got, plain, sdpa, ref64):
         c = compare(name, a, [p, sd], r)
         assert c.ok, f"{case} {dtype}: {c}"
+
+
+def test_mask_cache_follows_the_padding_mask_content(monkeypatch):
+    """The additive mask is built once for equal arguments (every layer of a forward) and rebuilt when the
+    key-padding mask's content differs, including a mask edited in place: results never come from a stale mask."""
+    builds = []
+    real = ta._build_causal_mask
+    monkeypatch.setattr(ta, "_build_causal_mask", lambda *a: builds.append(1) or real(*a))
+    monkeypatch.setattr(ta, "_MASK_CACHE", {})
+    torch.manual_seed(3)
+    B, H, L, P, D = 2, 2, 16, 2, 8  # P < L / 4: the joint call with a dense causal mask
+    q, k, v = _rand(B, H, L, D, grad=False), _rand(B, H, L, D, grad=False), _rand(B, H, L, D, grad=False)
+    pk, pv = _rand(H, P, D, grad=False), _rand(H, P, D, grad=False)
+    kpm = torch.ones(B, L, dtype=torch.bool)
+
+    def run(mask):
+        out = prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=mask, backend="torch")
+        ref, _ = prefix_attention_reference(q.double(), k.double(), v.double(), pk.double()[None],
+                                            pv.double()[None], causal=True, key_padding_mask=mask)
+        torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-6)
+        return out
+
+    first = run(kpm)
+    again = run(kpm.clone())  # equal content, another tensor: a hit
+    assert len(builds) == 1 and torch.equal(first, again)
+    kpm[1, 3:9] = False  # edited in place: a miss, and the new padding is honoured
+    edited = run(kpm)
+    assert len(builds) == 2 and not torch.equal(first, edited)
+    run(None)  # no padding: its own entry
+    assert len(builds) == 3

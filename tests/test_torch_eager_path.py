@@ -89,6 +89,7 @@ def test_eager_path_propagates_nan_like_the_custom_op(monkeypatch):
 def test_backward_does_not_concatenate_and_k_v_are_not_saved(monkeypatch):
     """Joint path: the [prefix, keys] K/V of the forward is saved in place of k and v, and
     the backward makes no concatenation (and no layout copy: dq is the kernel's)."""
+    monkeypatch.setattr(ta, "_SPLIT_PREFIX_FRACTION", float("inf"))  # P = 5, L = 8: the joint call
     leaves, kw = _inputs(2, 4, 2, 8, 8, 5, True, torch.float32, "shared")
     q, k, v = leaves[:3]
     saved = []

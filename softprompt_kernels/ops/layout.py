@@ -32,6 +32,14 @@ def empty_output(q: Tensor) -> Tensor:
     return q.new_empty(B, L, Hq, D).transpose(1, 2)
 
 
+def output_strides(q: Tensor) -> tuple:
+    """The strides of ``empty_output(q)``, without allocating it."""
+    B, Hq, L, D = q.shape
+    if q.is_contiguous():
+        return (Hq * L * D, L * D, D, 1)
+    return (L * Hq * D, D, Hq * D, 1)
+
+
 def gradient_like(x: Tensor) -> Tensor:
     """Uninitialised tensor shaped like ``x``, with ``x``'s strides when ``x`` is dense."""
     return torch.empty_like(x, memory_format=torch.preserve_format)
@@ -43,3 +51,8 @@ def conform(t: Tensor, template: Tensor) -> Tensor:
         return t
     template.copy_(t)
     return template
+
+
+def as_output_layout(out: Tensor, q: Tensor) -> Tensor:
+    """``out`` if it has the strides of ``empty_output(q)``, else copied into that layout."""
+    return out if out.stride() == output_strides(q) else conform(out, empty_output(q))

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .backend_choice import resolve_backend
-from .layout import conform, empty_output, gradient_like
+from .layout import as_output_layout, conform, empty_output, gradient_like
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _BACKEND_MODULES = {
@@ -181,7 +181,7 @@ def _prefix_attention_fwd(
         q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
         causal=causal, scale=scale, dropout_p=dropout_p, seed=_seed_value(seed),
     )
-    return conform(out, empty_output(q)), lse  # the layout of ops/layout.py
+    return as_output_layout(out, q), lse  # the layout of ops/layout.py
 
 
 @_prefix_attention_fwd.register_fake
@@ -281,7 +281,7 @@ class _EagerTorchAttention(torch.autograd.Function):
         seed = _seed_value(seed)
         out, lse, parts = ta.forward_with_parts(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
                                                 causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
-        out = conform(out, empty_output(q))
+        out = as_output_layout(out, q)
         ctx.options = (causal, scale, dropout_p, seed)
         ctx.k_meta = (k.shape, k.dtype)
         ctx.has_prefix = prefix_k is not None
@@ -387,8 +387,15 @@ def prefix_attention(
     if dropout_p > 0.0:
         seed = torch.randint(0, 2**31 - 1, (1,), dtype=torch.int64, device="cpu")
     if q.shape[0] * q.shape[1] * q.shape[2] and _eager_torch_path(backend, (q, k, v, pk, pv, key_padding_mask)):
-        out, lse = _EagerTorchAttention.apply(q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale,
-                                              float(dropout_p))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, pk, pv)):
+            out, lse = _EagerTorchAttention.apply(q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale,
+                                                  float(dropout_p))
+        else:  # no backward can run: no autograd node, nothing saved
+            from . import torch_attention as ta
+
+            out, lse, _ = ta.forward_with_parts(q, k, v, pk, pv, idx, key_padding_mask, causal=bool(causal),
+                                                scale=scale, dropout_p=float(dropout_p), seed=_seed_value(seed))
+            out = as_output_layout(out, q)
     else:
         out, lse = _prefix_attention_fwd(
             q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale, float(dropout_p), bool(deterministic),

@@ -65,7 +65,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .layout import empty_output
+from .layout import empty_output, output_strides
 
 _FLASH = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 _FLASH_BWD = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward
@@ -80,6 +80,10 @@ _DENSE_MASK_ELEMENTS = 1 << 22
 # Fused path, causal with a prefix: up to this many keys (P + S) one call on [prefix, keys] with a dense
 # mask (also bounded by _DENSE_MASK_ELEMENTS); longer: a prefix part and a causal sequence part, merged.
 _JOINT_CAUSAL_KEYS = 1024
+# ... except with S == L and P >= _SPLIT_PREFIX_FRACTION * L: then a prefix part and an is_causal part
+# (no concatenation, no dense mask) measured faster; with fewer prefix keys the prefix part's own kernel
+# calls (each a full pass over q, out and, backward, dO for a few keys) cost more than the joint call.
+_SPLIT_PREFIX_FRACTION = 0.25
 # Dropout tiles: _DROP_Q query rows x _tile_width(P + S) columns of one batch row and head; the
 # blockwise path's query blocks start on multiples of _DROP_Q, its key blocks on multiples of _KEY_BLOCK.
 _DROP_Q = 128
@@ -199,9 +203,44 @@ def _dense_mask_fits(B: int, L: int, cols: int, key_padding_mask: Optional[Tenso
     return (B if key_padding_mask is not None else 1) * L * cols <= _DENSE_MASK_ELEMENTS
 
 
+# Additive masks of the last few calls: every layer of a forward builds the same one.  Keyed on the
+# sizes, dtype and device, and on the key-padding mask's *content* (a copy is kept and compared, so a
+# mask edited in place, or a new one at a freed address, never hits a stale entry).
+_MASK_CACHE: "dict[tuple, tuple[Optional[Tensor], Tensor]]" = {}
+_MASK_CACHE_ENTRIES = 4
+
+
+def _cached_mask(kind: str, L: int, S: int, P: int, key_padding_mask: Optional[Tensor], dtype, device, build):
+    """``build()``, or the mask an earlier call built from the same arguments (never written to by callers)."""
+    key = (kind, L, S, P, dtype, device, None if key_padding_mask is None else tuple(key_padding_mask.shape))
+    hit = _MASK_CACHE.get(key)
+    if hit is not None and (key_padding_mask is None or torch.equal(hit[0], key_padding_mask)):
+        return hit[1]
+    mask = build()
+    if len(_MASK_CACHE) >= _MASK_CACHE_ENTRIES and key not in _MASK_CACHE:
+        del _MASK_CACHE[next(iter(_MASK_CACHE))]  # oldest first
+    _MASK_CACHE[key] = (None if key_padding_mask is None else key_padding_mask.clone(), mask)
+    return mask
+
+
+def _padding_row(S: int, P: int, key_padding_mask: Tensor, dtype, device) -> Tensor:
+    """Additive ``[B, 1, 1, P + S]`` row: the P prefix columns visible, padded sequence columns -inf."""
+    def build():
+        mask = torch.zeros(key_padding_mask.shape[0], 1, 1, P + S, dtype=dtype, device=device)
+        mask[..., P:].masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+        return mask
+
+    return _cached_mask("row", 1, S, P, key_padding_mask, dtype, device, build)
+
+
 def _causal_mask(L: int, S: int, P: int, key_padding_mask: Optional[Tensor], dtype, device) -> Tensor:
     """Additive ``[B | 1, 1, L, P + S]`` mask: the first P (prefix) columns visible, sequence
     column j visible iff ``j <= i + S - L`` (bottom-right causal) and not padded; -inf elsewhere."""
+    return _cached_mask("causal", L, S, P, key_padding_mask, dtype, device,
+                        lambda: _build_causal_mask(L, S, P, key_padding_mask, dtype, device))
+
+
+def _build_causal_mask(L: int, S: int, P: int, key_padding_mask: Optional[Tensor], dtype, device) -> Tensor:
     i = torch.arange(L, device=device)[:, None]
     j = torch.arange(S, device=device)[None, :]
     vis = (j <= i + (S - L))[None, None]
@@ -210,6 +249,14 @@ def _causal_mask(L: int, S: int, P: int, key_padding_mask: Optional[Tensor], dty
     mask = torch.zeros(vis.shape[0], 1, L, P + S, dtype=dtype, device=device)
     mask[..., P:].masked_fill_(~vis, float("-inf"))
     return mask
+
+
+def _joint_causal(B: int, L: int, S: int, P: int, key_padding_mask: Optional[Tensor]) -> bool:
+    """Causal with a prefix: one call on ``[prefix, keys]`` with a dense mask (True), or a prefix
+    part and a causal sequence part (False); see ``_JOINT_CAUSAL_KEYS``, ``_SPLIT_PREFIX_FRACTION``."""
+    if not (P > 0 and P + S <= _JOINT_CAUSAL_KEYS and _dense_mask_fits(B, L, P + S, key_padding_mask)):
+        return False
+    return S > L or P < _SPLIT_PREFIX_FRACTION * L
 
 
 def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: bool, L: int, dtype):
@@ -232,16 +279,12 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
         if not causal:
             # nothing to align: one kernel call on [prefix, keys] (a K/V copy, as SDPA users make,
             # but a [B, 1, 1, P + S] mask row instead of a dense mask, and one lse rounding)
-            mask = None
-            if key_padding_mask is not None:
-                mask = torch.zeros(B, 1, 1, P + S, dtype=dtype, device=k.device)
-                mask[..., P:].masked_fill_(~key_padding_mask[:, None, None, :], float("-inf"))
+            mask = None if key_padding_mask is None else _padding_row(S, P, key_padding_mask, dtype, k.device)
             parts.append((torch.cat([pk, k], 2), torch.cat([pv, v], 2), False, mask, None, "joint"))
             return parts
-        if P > 0 and P + S <= _JOINT_CAUSAL_KEYS and _dense_mask_fits(B, L, P + S, key_padding_mask):
-            # short causal: one call on [prefix, keys] with a dense mask (the kernel's key blocks are
-            # ~512 wide, so is_causal would skip nothing here, and one call has no merge); every row
-            # sees the prefix, so no row is dead
+        if _joint_causal(B, L, S, P, key_padding_mask):
+            # short causal: one call on [prefix, keys] with a dense mask (no merge, one backward call);
+            # every row sees the prefix, so no row is dead
             mask = _causal_mask(L, S, P, key_padding_mask, dtype, k.device)
             parts.append((torch.cat([pk, k], 2), torch.cat([pv, v], 2), False, mask, None, "joint"))
             return parts
@@ -270,9 +313,9 @@ def _like_q(q: Tensor, x: Tensor, dtype) -> Tensor:
     """``x`` in ``dtype`` with the strides of ``empty_output(q)`` (the layout the op returns; the
     ATen kernel writes its out in q's layout, so for a contiguous q or a ``[B, L, Hq, D]`` view
     that is ``x`` itself), else a copy."""
-    want = empty_output(q)
-    if x.stride() == want.stride() and x.dtype == dtype:
+    if x.stride() == output_strides(q) and x.dtype == dtype:
         return x
+    want = empty_output(q)
     return (want if want.dtype == dtype else torch.empty_like(want, dtype=dtype)).copy_(x)
 
 
@@ -287,12 +330,13 @@ def _fused_forward(q, parts, scale: float):
         # The kernel returns out 0, lse 0 for a row whose scores are all -inf *or NaN* (a NaN
         # q row, or a part whose visible keys are all NaN): exact zeros on a row that sees
         # keys send the call to the blockwise path (a legitimate lse of exactly 0 only costs time).
-        silent = lse == 0
-        if seen is not None:
-            silent &= seen.squeeze(2)
+        if seen is None:
+            if int(torch.count_nonzero(lse)) < lse.numel():  # one op: every row sees keys of this part
+                return None
+        else:
+            if bool(((lse == 0) & seen.squeeze(2)).any()):
+                return None
             lse = lse.masked_fill(~seen.squeeze(2), float("-inf"))  # the kernel gives 0 there
-        if bool(silent.any()):
-            return None
         outs.append(o)
         lses.append(lse)
     if len(parts) == 1:

@@ -257,8 +257,9 @@ _prefix_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ------------------------------------------------------------------ eager CPU autograd
 def _eager_torch_path(backend: str, tensors) -> bool:
     """Backend "torch" on plain CPU tensors outside torch.compile and any dispatch mode: the op runs
-    through ``_EagerTorchAttention`` instead of the custom op (the custom op stays the path
-    that torch.compile, fake tensors and dispatch modes see)."""
+    through ``_EagerTorchAttention`` (or, when no gradient can be needed, the backend forward
+    alone) instead of the custom op (the custom op stays the path that torch.compile, fake
+    tensors and dispatch modes see)."""
     return (backend == "torch" and tensors[0].device.type == "cpu" and not torch.compiler.is_compiling()
             and torch._C._len_torch_dispatch_stack() == 0
             and all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors))

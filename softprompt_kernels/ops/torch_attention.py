@@ -12,10 +12,15 @@ by their log-sum-exp:
 * non-causal: one call on the concatenated ``[prefix, keys]`` (K/V copied, a ``[B, 1, 1,
   P + S]`` mask row for padding). Causal with a prefix and ``P + S <= _JOINT_CAUSAL_KEYS``
   (mask within ``_DENSE_MASK_ELEMENTS``): also one call on ``[prefix, keys]``, with a dense
-  additive ``[B | 1, 1, L, P + S]`` mask (the kernel works in key blocks of ~512, so
-  ``is_causal`` skips nothing at these lengths and the split below would only add a call
-  and a merge: the split ran at 0.6-0.95x the speed of this, fwd+bwd, on the t2t, gpt2s and summ shapes).
-  Longer causal: a prefix part and a sequence part.
+  additive ``[B | 1, 1, L, P + S]`` mask, unless ``S == L`` and ``P >= _SPLIT_PREFIX_FRACTION * L``
+  (``_joint_causal``). Otherwise (longer, or that many prefix keys): a prefix part and a
+  sequence part, with no K/V copy and no dense mask. Measured fwd+bwd against SDPA on the
+  concatenated K/V (2-core CPU): at P = 100, L = 256 the split ran 1.03-1.08x, the joint call
+  0.98-0.99x; at P = 10, L = 128 the joint call ran ahead (the prefix part's own kernel calls
+  pass over q, out and dO for 10 keys).
+* additive masks (the dense causal one, the padding row) are cached for the last few argument
+  sets (``_cached_mask``: sizes, dtype, device and a copy of the padding mask, compared by
+  content), so the layers of one forward build them once, as transformers does.
 * prefix part: non-causal, never masked; a shared ``[Hkv, P, D]`` prefix goes in as a
   stride-0 ``expand`` over the batch (no copy: the kernel reads strides), a per-row or
   multi-task prefix as ``prefix_k[prefix_index]`` (``[B, Hkv, P, D]``, small). Folding the

@@ -310,3 +310,10 @@ def test_mask_cache_follows_the_padding_mask_content(monkeypatch):
     assert len(builds) == 2 and not torch.equal(first, edited)
     run(None)  # no padding: its own entry
     assert len(builds) == 3
+    # held elements are bounded: room for less than the [B, 1, L, P + S] and [1, 1, L, P + S] masks together
+    monkeypatch.setattr(ta, "_MASK_CACHE_ELEMENTS", (B + 1) * L * (P + L) - 1)
+    kpm[0, 5] = False
+    run(kpm)  # a new padding mask: built, and the no-padding entry is evicted to make room
+    assert len(builds) == 4 and sum(m.numel() for _, m in ta._MASK_CACHE.values()) <= ta._MASK_CACHE_ELEMENTS
+    run(None)
+    assert len(builds) == 5

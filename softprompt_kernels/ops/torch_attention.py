@@ -210,9 +210,11 @@ def _dense_mask_fits(B: int, L: int, cols: int, key_padding_mask: Optional[Tenso
 
 # Additive masks of the last few calls: every layer of a forward builds the same one.  Keyed on the
 # sizes, dtype and device, and on the key-padding mask's *content* (a copy is kept and compared, so a
-# mask edited in place, or a new one at a freed address, never hits a stale entry).
+# mask edited in place, or a new one at a freed address, never hits a stale entry).  At most
+# _MASK_CACHE_ENTRIES masks and _MASK_CACHE_ELEMENTS elements in all (16 MiB of float32) stay held.
 _MASK_CACHE: "dict[tuple, tuple[Optional[Tensor], Tensor]]" = {}
 _MASK_CACHE_ENTRIES = 4
+_MASK_CACHE_ELEMENTS = 1 << 22
 
 
 def _cached_mask(kind: str, L: int, S: int, P: int, key_padding_mask: Optional[Tensor], dtype, device, build):
@@ -222,9 +224,12 @@ def _cached_mask(kind: str, L: int, S: int, P: int, key_padding_mask: Optional[T
     if hit is not None and (key_padding_mask is None or torch.equal(hit[0], key_padding_mask)):
         return hit[1]
     mask = build()
-    if len(_MASK_CACHE) >= _MASK_CACHE_ENTRIES and key not in _MASK_CACHE:
-        del _MASK_CACHE[next(iter(_MASK_CACHE))]  # oldest first
-    _MASK_CACHE[key] = (None if key_padding_mask is None else key_padding_mask.clone(), mask)
+    _MASK_CACHE.pop(key, None)
+    if mask.numel() <= _MASK_CACHE_ELEMENTS:
+        while _MASK_CACHE and (len(_MASK_CACHE) >= _MASK_CACHE_ENTRIES or mask.numel() + sum(
+                m.numel() for _, m in _MASK_CACHE.values()) > _MASK_CACHE_ELEMENTS):
+            del _MASK_CACHE[next(iter(_MASK_CACHE))]  # oldest first
+        _MASK_CACHE[key] = (None if key_padding_mask is None else key_padding_mask.clone(), mask)
     return mask
 
 

@@ -197,7 +197,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_bwd_dkdv_tc_kernel(const
         const int r = e >> 1, c = n * 8 + 2 * t4 + (e & 1), i = m0 + c;
         float sv = s[n][e];
         if (!full && (!key_ok[r] || n_row0 + 8 * r > i + shift)) sv = -INFINITY;
-        const float pt = exp2f(fmaf(sv, sl2, -lse_s[c]));
+        const float pt = exp2_approx(fmaf(sv, sl2, -lse_s[c]));
         float z = 1.f;
         if constexpr (kDropout) {
           const int col = n_row0 + 8 * r;
@@ -340,7 +340,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_bwd_dq_tc_kernel(const P
           const int e = 2 * r + j, i = i0 + 8 * r;
           float sv = s[n][e];
           if (!full && (!ok || col > i + shift)) sv = -INFINITY;
-          const float pe = exp2f(fmaf(sv, sl2, -lse2[r]));
+          const float pe = exp2_approx(fmaf(sv, sl2, -lse2[r]));
           float z = 1.f;
           if constexpr (kDropout)
             z = (pe > 0.f && dropout_keep(p.seed, b, h, i, ks.is_prefix ? col : p.P + col, p.dropout_p))

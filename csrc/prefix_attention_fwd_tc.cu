@@ -129,7 +129,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_fwd_tc_kernel(const Pref
       for (int n = 0; n < NS; ++n) mx = fmaxf(mx, fmaxf(s[n][2 * r], s[n][2 * r + 1]));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-      alpha[r] = (row_m[r] == -INFINITY) ? 0.f : exp2f((row_m[r] - mx) * sl2);
+      alpha[r] = (row_m[r] == -INFINITY) ? 0.f : exp2_approx((row_m[r] - mx) * sl2);
       row_m[r] = mx;
       ms[r] = (mx == -INFINITY) ? 0.f : mx * sl2;
       row_l[r] *= alpha[r];
@@ -139,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) prefix_attn_fwd_tc_kernel(const Pref
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        const float pe = exp2f(fmaf(s[n][e], sl2, -ms[r]));
+        const float pe = exp2_approx(fmaf(s[n][e], sl2, -ms[r]));
         row_l[r] += pe;  // the denominator sums undropped probabilities
         if constexpr (kDropout) {
           const int c = ks.n0 + n * 8 + 2 * t4 + (e & 1);

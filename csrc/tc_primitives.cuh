@@ -11,6 +11,8 @@
 //   M_i[l/4][2(l%4) + j] (j = half), or M_i[2(l%4) + j][l/4] with .trans.
 #pragma once
 
+#include <cfloat>
+#include <cmath>
 #include <cstdint>
 
 #include "cuda_compat.cuh"
@@ -106,6 +108,13 @@ inline void cp_async_commit() { spk_emu::cp_async_commit(); }
 template <int N>
 inline void cp_async_wait() { spk_emu::cp_async_wait(N); }
 
+// ex2.approx.ftz.f32: 2^x with results below FLT_MIN flushed to +0 (the hardware's relative error,
+// at most 2^-22, is not modelled: the float64 comparison tolerates far more)
+inline float exp2_approx(float x) {
+  const float y = std::exp2(x);
+  return y < FLT_MIN ? 0.f : y;
+}
+
 #elif SPK_TC_ENABLED
 
 template <typename T>
@@ -135,6 +144,13 @@ __device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src
 __device__ __forceinline__ void cp_async_commit() { cute::cp_async_fence(); }
 template <int N>
 __device__ __forceinline__ void cp_async_wait() { cute::cp_async_wait<N>(); }
+
+// one MUFU.EX2 (exp2f without fast-math adds a range check and two scalings around it)
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 
 #endif
 

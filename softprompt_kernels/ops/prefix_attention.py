@@ -265,6 +265,16 @@ def _eager_torch_path(backend: str, tensors) -> bool:
             and all(t is None or type(t) in (Tensor, torch.nn.Parameter) for t in tensors))
 
 
+def _eager_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale, dropout_p, seed):
+    """The torch backend's forward in the op's output layout: ``(out, lse, parts)`` (see
+    ``torch_attention.forward_with_parts``)."""
+    from . import torch_attention as ta
+
+    out, lse, parts = ta.forward_with_parts(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
+                                            causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
+    return as_output_layout(out, q), lse, parts
+
+
 class _EagerTorchAttention(torch.autograd.Function):
     """Eager autograd of the PyTorch backend, the same numbers as the custom op.
 
@@ -277,12 +287,9 @@ class _EagerTorchAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, seed, causal, scale, dropout_p):
-        from . import torch_attention as ta
-
         seed = _seed_value(seed)
-        out, lse, parts = ta.forward_with_parts(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask,
-                                                causal=causal, scale=scale, dropout_p=dropout_p, seed=seed)
-        out = as_output_layout(out, q)
+        out, lse, parts = _eager_forward(q, k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal, scale,
+                                         dropout_p, seed)
         ctx.options = (causal, scale, dropout_p, seed)
         ctx.k_meta = (k.shape, k.dtype)
         ctx.has_prefix = prefix_k is not None
@@ -392,11 +399,8 @@ def prefix_attention(
             out, lse = _EagerTorchAttention.apply(q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale,
                                                   float(dropout_p))
         else:  # no backward can run: no autograd node, nothing saved
-            from . import torch_attention as ta
-
-            out, lse, _ = ta.forward_with_parts(q, k, v, pk, pv, idx, key_padding_mask, causal=bool(causal),
-                                                scale=scale, dropout_p=float(dropout_p), seed=_seed_value(seed))
-            out = as_output_layout(out, q)
+            out, lse, _ = _eager_forward(q, k, v, pk, pv, idx, key_padding_mask, bool(causal), scale,
+                                         float(dropout_p), _seed_value(seed))
     else:
         out, lse = _prefix_attention_fwd(
             q, k, v, pk, pv, idx, key_padding_mask, seed, bool(causal), scale, float(dropout_p), bool(deterministic),

@@ -311,8 +311,7 @@ def _parts(k, v, prefix_k, prefix_v, prefix_index, key_padding_mask, causal: boo
         mask = seen = None
         if key_padding_mask is not None:
             real = key_padding_mask[:, lo:hi]  # [B, n]
-            mask = torch.zeros(B, 1, 1, hi - lo, dtype=dtype, device=k.device)
-            mask.masked_fill_(~real[:, None, None, :], float("-inf"))
+            mask = _padding_row(hi - lo, 0, real, dtype, k.device)
             # causal (top-left within the part, n == L here): row i sees keys 0..i of the part
             seen = real.cummax(-1).values[:, None, None, :L] if is_causal else real.any(-1)[:, None, None, None]
         parts.append((k[:, :, lo:hi], v[:, :, lo:hi], is_causal, mask, seen, slice(lo, hi)))
